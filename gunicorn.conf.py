@@ -1,0 +1,43 @@
+"""gunicorn settings for llm-service: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+Server settings only; the app reads its own ``LLM_SERVICE_*`` settings. Each value
+below can be overridden with a ``GUNICORN_*`` environment variable.
+
+Why one process with many threads: an LLM call spends seconds waiting on the
+model server, so threads (``gthread``) hold many calls at little cost, and the
+default ``memory://`` rate-limit storage is per process, so the configured limit
+holds exactly only with one process. With ``LLM_SERVICE_RATE_LIMIT_STORAGE_URI``
+pointing at Redis, ``GUNICORN_WORKERS`` can grow.
+"""
+
+import os
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"GUNICORN_{name}", default)
+
+
+bind = _env("BIND", "127.0.0.1:8000")  # loopback unless configured
+worker_class = "gthread"
+workers = int(_env("WORKERS", "1"))
+threads = int(_env("THREADS", "64"))
+# Idle keep-alive connections from clients are closed after this many seconds.
+keepalive = int(_env("KEEPALIVE", "5"))
+
+# With gthread the worker heartbeat runs beside request threads, so `timeout`
+# only catches a wedged worker; one upstream call is bounded by
+# LLM_SERVICE_LM_STUDIO_RETRY_BUDGET (60 s by default), well inside it.
+_retry_budget = float(os.environ.get("LLM_SERVICE_LM_STUDIO_RETRY_BUDGET", "60"))
+timeout = int(_env("TIMEOUT", str(int(_retry_budget) + 60)))
+# On SIGTERM, requests in flight get this long to finish.
+graceful_timeout = int(_env("GRACEFUL_TIMEOUT", str(int(_retry_budget) + 10)))
+
+# The app writes its own JSON access records; gunicorn's would duplicate them.
+accesslog = None
+errorlog = "-"
+loglevel = _env("LOG_LEVEL", "info")
+# Request-line and header limits keep hostile requests small before Flask runs.
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+proc_name = "llm-service"

@@ -1,0 +1,82 @@
+"""The edge of the app: who the client is (ProxyFix), rate limits and CORS."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Flask, Response, current_app, request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .pipeline import CORRELATION_HEADER
+
+EXPOSED_HEADERS = [
+    CORRELATION_HEADER,
+    "X-Process-Time",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+]
+#: Blueprints whose routes are never rate limited (monitoring must always work).
+UNLIMITED_BLUEPRINTS = frozenset({"health"})
+
+
+def _per_minute_limit() -> str:
+    # Read at request time, so the limit is the app's config, not an import constant.
+    return f"{current_app.config['RATE_LIMIT_REQUESTS']} per minute"
+
+
+def _is_exempt() -> bool:
+    return request.blueprint in UNLIMITED_BLUEPRINTS or request.method == "OPTIONS"
+
+
+def init_app(app: Flask) -> None:
+    """Trust the configured proxies, then limit per client and apply CORS."""
+    proxies = app.config["TRUSTED_PROXIES"]
+    if proxies:
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies
+        )
+
+    limiter = Limiter(
+        get_remote_address,
+        default_limits=[_per_minute_limit],
+        default_limits_exempt_when=_is_exempt,
+        storage_uri=app.config["RATE_LIMIT_STORAGE_URI"],
+        strategy="fixed-window",
+        key_prefix="llm_service",
+        # A shared store (Redis) that goes down degrades to per-process limits
+        # instead of failing every request.
+        in_memory_fallback_enabled=True,
+        # Flask-Limiter would put Retry-After on every answer, successes included,
+        # and override the upstream's own; _add_rate_limit_headers is precise.
+        headers_enabled=False,
+    )
+    limiter.init_app(app)
+
+    @app.after_request
+    def _add_rate_limit_headers(response: Response) -> Response:
+        current = limiter.current_limit
+        if current is None:
+            return response
+        response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
+        response.headers["X-RateLimit-Remaining"] = str(current.remaining)
+        response.headers["X-RateLimit-Reset"] = str(int(current.reset_at))
+        if response.status_code == 429:
+            wait = max(1, math.ceil(current.reset_at - time.time()))
+            response.headers["Retry-After"] = str(wait)
+        return response
+
+    origins = app.config["ALLOWED_ORIGINS"]
+    if origins:
+        CORS(
+            app,
+            origins=origins,
+            expose_headers=EXPOSED_HEADERS,
+            allow_headers=["Content-Type", "Authorization", CORRELATION_HEADER],
+            max_age=600,
+        )

@@ -1,0 +1,488 @@
+"""LMStudioClient: pooled HTTP calls to LM Studio with timeouts and one retry layer."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import backoff
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+
+from .errors import (
+    LMStudioAuthError,
+    LMStudioBusyError,
+    LMStudioConnectionError,
+    LMStudioError,
+    LMStudioProtocolError,
+    LMStudioRequestError,
+    LMStudioServerError,
+    LMStudioStatusError,
+    LMStudioTimeoutError,
+    ModelNotFoundError,
+    NoModelLoadedError,
+)
+
+log = logging.getLogger("llm_service.lmstudio")
+
+#: Statuses worth another attempt: the upstream timed out, is overloaded or failed.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+BUSY_STATUSES = frozenset({429, 503})
+BODY_EXCERPT = 300
+MESSAGE_LIMIT = 500
+
+#: Called after every attempt with the upstream status (None: no answer).
+AttemptObserver = Callable[[int | None], None]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts the upstream reported for one completion."""
+
+    prompt: int
+    completion: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The parts of a chat completion the gateway answers with."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    request_id: str | None = None
+
+
+@dataclass
+class HealthReport:
+    """What one probe of the upstream found."""
+
+    url: str
+    reachable: bool
+    latency_ms: float
+    server: str | None = None
+    models: list[str] = field(default_factory=list)
+    #: Models known to be loaded; None when the server cannot tell (llama.cpp).
+    loaded: list[str] | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True when some model can answer a request now."""
+        if not self.reachable:
+            return False
+        return bool(self.loaded if self.loaded is not None else self.models)
+
+    @property
+    def servable_models(self) -> list[str]:
+        """Models that can answer now: the loaded ones when known."""
+        return list(self.loaded if self.loaded is not None else self.models)
+
+
+def _retry_waits(base: float = 0.5, cap: float = 8.0) -> Iterator[float]:
+    """Yield waits between attempts: ``Retry-After`` when given, else jittered expo.
+
+    backoff sends each attempt's exception in; "equal jitter" keeps at least half
+    of the exponential wait so retries do not stampede an upstream that is
+    restarting.
+    """
+    attempt = 0
+    error = yield  # primed by backoff with None
+    while True:
+        if getattr(error, "retry_after", None) is not None:
+            delay = error.retry_after
+        else:
+            ceiling = min(cap, base * 2**attempt)
+            delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
+        attempt += 1
+        error = yield delay
+
+
+def _is_retryable(error: LMStudioError) -> bool:
+    return error.retryable and (error.status is None or error.status in RETRY_STATUSES)
+
+
+def _retry_after_seconds(value: str | None, cap: float) -> float | None:
+    """Parse ``Retry-After`` (seconds or an HTTP date), capped at ``cap``."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = moment.timestamp() - time.time()
+    return max(0.0, min(seconds, cap))
+
+
+def _error_message(body: Any) -> tuple[str | None, str | None]:
+    """Return ``(message, code)`` from any of the upstream's error shapes.
+
+    LM Studio answers ``{"error": "text"}``, ``{"error": {"message", "type",
+    "code"}}``; FastAPI-based servers (llama-cpp-python) answer ``{"detail": ...}``
+    and some proxies ``{"message": ...}``.
+    """
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error")
+    if isinstance(error, str):
+        return error, None
+    if isinstance(error, dict):
+        code = error.get("code")
+        message = error.get("message") or error.get("type") or code
+        return (str(message) if message else None), (str(code) if code else None)
+    for key in ("message", "detail"):
+        if body.get(key):
+            return str(body[key]), None
+    return None, None
+
+
+class LMStudioClient:
+    """Calls an LM Studio (or other OpenAI-compatible) server.
+
+    One ``requests.Session`` pools connections. Every call has connect and read
+    timeouts; :meth:`_call` retries the retryable failures with ``backoff`` within
+    ``retry_budget`` seconds, which bounds the whole call including waits.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_token: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        retries: int = 2,
+        retry_budget: float = 60.0,
+        retry_after_max: float = 10.0,
+        health_timeout: float = 2.0,
+        pool_size: int = 32,
+        on_attempt: AttemptObserver | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.retry_budget = retry_budget
+        self.retry_after_max = retry_after_max
+        self.health_timeout = health_timeout
+        self._on_attempt = on_attempt
+        self.session = requests.Session()
+        # max_retries=0: backoff below is the only retry layer.
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["User-Agent"] = "llm-service"
+        self.session.headers["Accept"] = "application/json"
+        if api_token:
+            self.session.headers["Authorization"] = f"Bearer {api_token}"
+        self._call_with_retries = backoff.on_exception(
+            _retry_waits,
+            LMStudioError,
+            max_tries=retries + 1,
+            max_time=retry_budget,
+            giveup=lambda error: not _is_retryable(error),
+            jitter=None,
+            on_backoff=self._log_retry,
+            on_giveup=self._record_attempts,
+            logger=None,
+        )(self._attempt)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.session.close()
+
+    # -- public calls --------------------------------------------------------
+
+    def chat_completion(
+        self, payload: dict[str, Any], *, correlation_id: str | None = None
+    ) -> ChatResult:
+        """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
+        body, request_id = self._call(
+            "POST", "/v1/chat/completions", json=payload, correlation_id=correlation_id
+        )
+        try:
+            choice = body["choices"][0]
+            message = choice["message"]
+            text = message.get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise LMStudioProtocolError(
+                "The upstream's chat completion has no message.",
+                status=200,
+                body=str(body)[:BODY_EXCERPT],
+                request_id=request_id,
+            ) from err
+        return ChatResult(
+            text=text,
+            model=str(body.get("model") or payload.get("model") or ""),
+            finish_reason=choice.get("finish_reason"),
+            usage=self._usage(body.get("usage")),
+            request_id=request_id,
+        )
+
+    def list_models(self, *, correlation_id: str | None = None) -> list[str]:
+        """Return the model ids of ``GET /v1/models`` (with retries)."""
+        body, _ = self._call("GET", "/v1/models", correlation_id=correlation_id)
+        return self._model_ids(body)
+
+    def is_lmstudio(self, *, timeout: float | None = None) -> bool:
+        """Ask ``/lmstudio-greeting``, which only LM Studio answers; no retries."""
+        try:
+            body, _ = self._attempt("GET", "/lmstudio-greeting", timeout=timeout)
+        except LMStudioError:
+            return False
+        return isinstance(body, dict) and body.get("lmstudio") is True
+
+    def lmstudio_models(self, *, timeout: float | None = None) -> list[dict]:
+        """Return LM Studio's ``/api/v0/models`` entries, with ``state``; no retry."""
+        body, _ = self._attempt("GET", "/api/v0/models", timeout=timeout)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise LMStudioProtocolError("/api/v0/models answered without a data list.")
+        return [entry for entry in data if isinstance(entry, dict)]
+
+    def probe(self) -> HealthReport:
+        """Probe the upstream once, with the short health timeout and no retries."""
+        started = time.perf_counter()
+        timeout = self.health_timeout
+        try:
+            body, _ = self._attempt("GET", "/v1/models", timeout=timeout)
+            models = self._model_ids(body)
+        except LMStudioError as err:
+            return HealthReport(
+                url=self.base_url,
+                reachable=False,
+                latency_ms=round((time.perf_counter() - started) * 1000, 1),
+                error=describe(err),
+            )
+        latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        report = HealthReport(
+            url=self.base_url,
+            reachable=True,
+            latency_ms=latency_ms,
+            server="openai-compatible",
+            models=models,
+        )
+        if self.is_lmstudio(timeout=timeout):
+            report.server = "lmstudio"
+            try:
+                entries = self.lmstudio_models(timeout=timeout)
+            except LMStudioError:
+                pass  # an older LM Studio without /api/v0: loaded state unknown
+            else:
+                report.loaded = [
+                    str(entry.get("id"))
+                    for entry in entries
+                    if entry.get("state") == "loaded"
+                    and entry.get("type") != "embeddings"
+                ]
+        return report
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        correlation_id: str | None = None,
+    ) -> tuple[Any, str | None]:
+        """Make one call with retries; the whole call ends within the budget."""
+        return self._call_with_retries(
+            method,
+            path,
+            json=json,
+            correlation_id=correlation_id,
+            deadline=time.monotonic() + self.retry_budget,
+        )
+
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> tuple[Any, str | None]:
+        """Send one request and return ``(json_body, upstream_request_id)``.
+
+        Translates every ``requests`` failure and every error answer into the
+        client's exception tree; this is the only place that does.
+        """
+        connect = timeout or self.connect_timeout
+        read = timeout or self.read_timeout
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LMStudioTimeoutError(
+                    "The upstream call ran out of its time budget."
+                )
+            connect, read = min(connect, remaining), min(read, remaining)
+        headers = {}
+        if correlation_id:
+            headers["X-Correlation-ID"] = correlation_id
+            headers["X-Request-ID"] = correlation_id
+        url = self.base_url + path
+        try:
+            response = self.session.request(
+                method, url, json=json, headers=headers, timeout=(connect, read)
+            )
+        except requests.ConnectTimeout as err:
+            self._observe(None)
+            raise LMStudioConnectionError(
+                "Timed out connecting to the upstream."
+            ) from err
+        except requests.ReadTimeout as err:
+            self._observe(None)
+            raise LMStudioTimeoutError(
+                f"The upstream did not answer within {read:g} s."
+            ) from err
+        except requests.ConnectionError as err:
+            self._observe(None)
+            if err.args and isinstance(err.args[0], ReadTimeoutError):
+                raise LMStudioTimeoutError(
+                    f"The upstream did not finish its answer within {read:g} s."
+                ) from err
+            raise LMStudioConnectionError("Could not connect to the upstream.") from err
+        except requests.RequestException as err:
+            self._observe(None)
+            raise LMStudioProtocolError(
+                "The upstream's answer was not valid HTTP."
+            ) from err
+        self._observe(response.status_code)
+        return self._parse(response)
+
+    def _parse(self, response: requests.Response) -> tuple[Any, str | None]:
+        status = response.status_code
+        request_id = response.headers.get("x-request-id")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        message, code = _error_message(body)
+        is_error_body = isinstance(body, dict) and "error" in body
+        if status >= 400 or is_error_body:
+            raise self._status_error(
+                status,
+                message or response.reason or f"HTTP {status}",
+                code,
+                body=response.text[:BODY_EXCERPT],
+                request_id=request_id,
+                retry_after=_retry_after_seconds(
+                    response.headers.get("Retry-After"), self.retry_after_max
+                ),
+            )
+        if body is None:
+            raise LMStudioProtocolError(
+                "The upstream's answer is not JSON.",
+                status=status,
+                body=response.text[:BODY_EXCERPT],
+                request_id=request_id,
+            )
+        return body, request_id
+
+    @staticmethod
+    def _status_error(
+        status: int, message: str, code: str | None, **details: Any
+    ) -> LMStudioError:
+        """Pick the exception class for an error answer, by its body first.
+
+        LM Studio's statuses vary between versions (model not found was 404, is
+        now 400), so the body's code and message decide before the status does.
+        """
+        text = message[:MESSAGE_LIMIT]
+        lowered = message.lower()
+        if "no models loaded" in lowered or "no model loaded" in lowered:
+            return NoModelLoadedError(text, status=status, **details)
+        if (
+            code == "model_not_found"
+            or "model not found" in lowered
+            or "invalid model identifier" in lowered
+            or ("model" in lowered and "not found" in lowered)
+        ):
+            return ModelNotFoundError(text, status=status, **details)
+        if "unexpected endpoint" in lowered:
+            return LMStudioProtocolError(
+                "The upstream does not serve this path: check that the upstream URL "
+                "is the server's root (e.g. http://localhost:1234).",
+                status=status,
+                **details,
+            )
+        if status in (401, 403):
+            return LMStudioAuthError(text, status=status, **details)
+        if status in BUSY_STATUSES:
+            return LMStudioBusyError(text, status=status, **details)
+        if status in RETRY_STATUSES or status >= 500 or status < 400:
+            # status < 400: a 200 with an error body of unknown meaning.
+            return LMStudioServerError(text, status=status, **details)
+        return LMStudioRequestError(text, status=status, **details)
+
+    def _observe(self, status: int | None) -> None:
+        if self._on_attempt is not None:
+            self._on_attempt(status)
+
+    @staticmethod
+    def _record_attempts(details: dict) -> None:
+        details["exception"].attempts = details["tries"]
+
+    @staticmethod
+    def _log_retry(details: dict) -> None:
+        error = details["exception"]
+        log.warning(
+            "upstream attempt %d failed (%s: %s); retrying in %.2f s",
+            details["tries"],
+            type(error).__name__,
+            error.message,
+            details["wait"],
+        )
+
+    @staticmethod
+    def _model_ids(body: Any) -> list[str]:
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise LMStudioProtocolError("/v1/models answered without a data list.")
+        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+
+    @staticmethod
+    def _usage(raw: Any) -> Usage | None:
+        """Parse ``usage``; missing, malformed or all-zero counts mean unknown."""
+        if not isinstance(raw, dict):
+            return None
+        counts = [
+            raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        ]
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            return None
+        if not any(counts):
+            return None
+        return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
+
+
+def describe(error: LMStudioError) -> str:
+    """Say in one line what went wrong, in words an operator can act on."""
+    if isinstance(error, LMStudioConnectionError):
+        return "connection failed: nothing is listening, or the connection was dropped"
+    if isinstance(error, LMStudioTimeoutError):
+        return "timed out waiting for the upstream"
+    if isinstance(error, LMStudioAuthError):
+        return (
+            "the upstream rejected the API token "
+            "(check LLM_SERVICE_LM_STUDIO_API_TOKEN)"
+        )
+    if isinstance(error, LMStudioStatusError) and error.status:
+        return f"HTTP {error.status}: {error.message}"
+    return error.message

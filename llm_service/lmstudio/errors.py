@@ -1,0 +1,89 @@
+"""The client's exception tree: one root, split by kind of failure.
+
+Every exception says whether the failed call may be retried (``retryable``):
+nothing reached the model, or the upstream asked us to come back later.
+"""
+
+from __future__ import annotations
+
+
+class LMStudioError(Exception):
+    """Root of every failure the LM Studio client raises."""
+
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        #: HTTP status the upstream answered with, when it answered.
+        self.status = status
+        #: The first few hundred characters of the upstream body, for logs.
+        self.body = body
+        #: The upstream's own request id, when it sent one.
+        self.request_id = request_id
+        #: Seconds the upstream asked us to wait (``Retry-After``), capped.
+        self.retry_after = retry_after
+        #: Attempts made before this error was raised (set by the retry layer).
+        self.attempts = 1
+
+
+class LMStudioConnectionError(LMStudioError):
+    """The upstream could not be reached, or dropped the connection unanswered.
+
+    Safe to retry: the request never reached the model.
+    """
+
+    retryable = True
+
+
+class LMStudioTimeoutError(LMStudioError):
+    """The upstream accepted the request but did not answer in time.
+
+    Not retried: the model may still be working on it.
+    """
+
+
+class LMStudioProtocolError(LMStudioError):
+    """The upstream answered with something that is not the API we speak.
+
+    Includes bodies that are not JSON, JSON without the expected fields, and
+    LM Studio's ``200 {"error": "Unexpected endpoint ..."}`` for a wrong URL.
+    """
+
+
+class LMStudioStatusError(LMStudioError):
+    """The upstream answered with an error status or an ``error`` body."""
+
+
+class LMStudioRequestError(LMStudioStatusError):
+    """The upstream rejected the request itself (4xx): retrying will not help."""
+
+
+class LMStudioAuthError(LMStudioStatusError):
+    """The upstream refused the gateway's API token (401/403)."""
+
+
+class ModelNotFoundError(LMStudioRequestError):
+    """The requested model is unknown to the upstream."""
+
+
+class NoModelLoadedError(LMStudioStatusError):
+    """The upstream has no model loaded that could answer."""
+
+
+class LMStudioServerError(LMStudioStatusError):
+    """The upstream failed (5xx, 408). Retried within the budget."""
+
+    retryable = True
+
+
+class LMStudioBusyError(LMStudioServerError):
+    """The upstream is overloaded or starting (429, 503). Retried after a wait."""

@@ -1,0 +1,120 @@
+"""Marshmallow schemas: what a request may contain and what an answer holds.
+
+The same schemas validate input and describe the API, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+from marshmallow import Schema, ValidationError, fields, validate, validates
+from werkzeug.exceptions import BadRequest
+
+from .errors import APIError
+
+ROLES = ("system", "user", "assistant")
+MAX_MODEL_NAME = 256
+MAX_MESSAGES = 512
+MAX_STOP_SEQUENCES = 4
+
+
+class StopField(fields.Field):
+    """``stop``: one string or a list of up to four strings."""
+
+    default_error_messages = {
+        "invalid": "Must be a string or a list of up to 4 non-empty strings."
+    }
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and value:
+            return value
+        if (
+            isinstance(value, list)
+            and 0 < len(value) <= MAX_STOP_SEQUENCES
+            and all(isinstance(item, str) and item for item in value)
+        ):
+            return value
+        raise self.make_error("invalid")
+
+
+class ChatMessageSchema(Schema):
+    """One turn of the conversation."""
+
+    role = fields.String(required=True, validate=validate.OneOf(ROLES))
+    content = fields.String(
+        required=True,
+        validate=validate.Length(min=1, error="Must not be empty."),
+    )
+
+
+class MessageRequestSchema(Schema):
+    """Body of ``POST /llm/message``; unknown fields are rejected."""
+
+    model = fields.String(
+        validate=validate.Length(min=1, max=MAX_MODEL_NAME),
+        metadata={"description": "Model id; omitted: the configured or loaded one."},
+    )
+    messages = fields.List(
+        fields.Nested(ChatMessageSchema),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_MESSAGES),
+    )
+    temperature = fields.Float(validate=validate.Range(min=0.0, max=2.0))
+    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1))
+    top_p = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    top_k = fields.Integer(strict=True, validate=validate.Range(min=0))
+    stop = StopField()
+    seed = fields.Integer(strict=True)
+    presence_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
+    frequency_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
+    repeat_penalty = fields.Float(validate=validate.Range(min=0.0, max=5.0))
+
+    @validates("max_tokens")
+    def _within_configured_limit(self, value: int, **_kwargs: Any) -> None:
+        limit = current_app.config["MAX_MAX_TOKENS"]
+        if value > limit:
+            raise ValidationError(f"Must be at most {limit} (the gateway's limit).")
+
+
+class UsageSchema(Schema):
+    """Token counts reported by the upstream."""
+
+    prompt = fields.Integer()
+    completion = fields.Integer()
+    total = fields.Integer()
+
+
+class MessageResponseSchema(Schema):
+    """Answer of ``POST /llm/message``.
+
+    ``tokens_used`` and ``usage`` are null when the upstream reported no (or only
+    zero) token counts: the gateway never makes one up.
+    """
+
+    response = fields.String(required=True)
+    model = fields.String(required=True)
+    tokens_used = fields.Integer(allow_none=True)
+    processing_time = fields.Float(required=True)
+    correlation_id = fields.String(required=True)
+    finish_reason = fields.String(allow_none=True)
+    usage = fields.Nested(UsageSchema, allow_none=True)
+
+
+def load_json_body(schema: Schema) -> dict[str, Any]:
+    """Parse the request's JSON body and load it with ``schema``.
+
+    Malformed JSON is a 400, a body not sent as JSON a 415 (raised by Flask);
+    the nesting guard keeps a hostile document from exhausting the stack.
+    """
+    try:
+        body = request.get_json()
+    except BadRequest:
+        raise APIError(
+            400, "invalid_json", "The request body is not valid JSON (UTF-8)."
+        ) from None
+    except RecursionError:
+        raise APIError(
+            400, "invalid_json", "The JSON body is nested too deeply."
+        ) from None
+    return schema.load(body)

@@ -1,0 +1,70 @@
+"""The app's LM Studio client and its cached health probe.
+
+Builds one :class:`LMStudioClient` per app from config, records each attempt's
+upstream status on ``g`` for the access record, and caches probes so health
+traffic cannot hammer the upstream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flask import Flask, current_app, g, has_request_context
+
+from .lmstudio import HealthReport, LMStudioClient
+
+EXTENSION = "llm_service.upstream"
+
+
+class Upstream:
+    """The client plus a time-limited cache of its last probe."""
+
+    def __init__(self, client: LMStudioClient, cache_seconds: float) -> None:
+        self.client = client
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._report: HealthReport | None = None
+        self._probed_at = 0.0
+
+    def health(self) -> HealthReport:
+        """Return a probe no older than ``cache_seconds``; one probe at a time."""
+        with self._lock:
+            fresh = time.monotonic() - self._probed_at < self.cache_seconds
+            if self._report is None or not fresh:
+                self._report = self.client.probe()
+                self._probed_at = time.monotonic()
+            return self._report
+
+    def forget_health(self) -> None:
+        """Drop the cached probe (after the upstream said no model is loaded)."""
+        with self._lock:
+            self._report = None
+
+
+def _record_attempt(status: int | None) -> None:
+    if has_request_context():
+        g.upstream_status = status
+        g.upstream_attempts = g.get("upstream_attempts", 0) + 1
+
+
+def init_app(app: Flask) -> None:
+    """Create the app's client from its settings."""
+    config = app.config
+    client = LMStudioClient(
+        config["LM_STUDIO_BASE_URL"],
+        api_token=config["LM_STUDIO_API_TOKEN"],
+        connect_timeout=config["LM_STUDIO_CONNECT_TIMEOUT"],
+        read_timeout=config["LM_STUDIO_TIMEOUT"],
+        retries=config["LM_STUDIO_RETRIES"],
+        retry_budget=config["LM_STUDIO_RETRY_BUDGET"],
+        retry_after_max=config["LM_STUDIO_RETRY_AFTER_MAX"],
+        health_timeout=min(2.0, config["LM_STUDIO_TIMEOUT"]),
+        on_attempt=_record_attempt,
+    )
+    app.extensions[EXTENSION] = Upstream(client, config["HEALTH_CACHE_SECONDS"])
+
+
+def get_upstream() -> Upstream:
+    """Return the current app's :class:`Upstream`."""
+    return current_app.extensions[EXTENSION]

@@ -1,0 +1,88 @@
+"""Shared fixtures: a clean environment, the app, its test client and CLI runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import responses
+
+from llm_service import create_app
+
+UPSTREAM = "http://lmstudio.test:1234"
+
+#: Settings every unit test starts from; a test overrides what it needs.
+TEST_CONFIG = {
+    "TESTING": True,
+    "LM_STUDIO_URL": UPSTREAM,
+    "HEALTH_CACHE_SECONDS": 0,
+    "LOG_LEVEL": "DEBUG",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Keep the developer's LLM_SERVICE_* variables (and .env) out of every test."""
+    for name in list(os.environ):
+        if name.startswith("LLM_SERVICE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def app_factory():
+    """Return a function building an app from TEST_CONFIG plus overrides."""
+
+    def build(**overrides):
+        return create_app({**TEST_CONFIG, **overrides})
+
+    return build
+
+
+@pytest.fixture
+def app(app_factory):
+    return app_factory()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def upstream():
+    """A strict ``responses`` mock: every registered call must happen."""
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield mock
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_output(app):
+    """Capture the package's log lines exactly as the app formats them."""
+    from llm_service.logs import ROOT_LOGGER
+
+    logger = logging.getLogger(ROOT_LOGGER)
+    app_handler = logger.handlers[-1]
+    handler = _ListHandler()
+    handler.setFormatter(app_handler.formatter)
+    for log_filter in app_handler.filters:
+        handler.addFilter(log_filter)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)

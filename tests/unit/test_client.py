@@ -1,0 +1,376 @@
+"""The LM Studio client: retries, timeouts, error shapes, parsing, probes."""
+
+import json
+
+import pytest
+import requests
+import responses
+from responses import matchers
+from responses.registries import OrderedRegistry
+
+from llm_service.lmstudio import (
+    LMStudioAuthError,
+    LMStudioBusyError,
+    LMStudioClient,
+    LMStudioConnectionError,
+    LMStudioProtocolError,
+    LMStudioRequestError,
+    LMStudioServerError,
+    LMStudioTimeoutError,
+    ModelNotFoundError,
+    NoModelLoadedError,
+)
+
+pytestmark = pytest.mark.mock_llm
+
+BASE = "http://lmstudio.test:1234"
+CHAT = f"{BASE}/v1/chat/completions"
+PAYLOAD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def completion(text="Hello.", model="loaded-model", usage=None, finish="stop"):
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }
+        ],
+    }
+    if usage is not False:
+        body["usage"] = usage or {
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "total_tokens": 7,
+        }
+    return body
+
+
+@pytest.fixture
+def client():
+    lm = LMStudioClient(BASE, retries=2, retry_budget=30, retry_after_max=10)
+    yield lm
+    lm.close()
+
+
+@pytest.fixture
+def ordered():
+    """A strict mock whose registrations answer in order (retry sequences)."""
+    with responses.RequestsMock(registry=OrderedRegistry) as mock:
+        yield mock
+
+
+def test_chat_completion_parses_answer(client, upstream):
+    upstream.post(CHAT, json=completion(model="answered-by"))
+    result = client.chat_completion(PAYLOAD)
+    assert result.text == "Hello."
+    # LM Studio answers with its loaded model whatever was asked: report that one.
+    assert result.model == "answered-by"
+    assert result.finish_reason == "stop"
+    assert (result.usage.prompt, result.usage.completion, result.usage.total) == (
+        5,
+        2,
+        7,
+    )
+
+
+def test_sends_correlation_id_and_token(upstream):
+    lm = LMStudioClient(BASE, api_token="sk-lm-abc:def")
+    upstream.post(
+        CHAT,
+        json=completion(),
+        match=[
+            matchers.header_matcher(
+                {
+                    "Authorization": "Bearer sk-lm-abc:def",
+                    "X-Correlation-ID": "cid-1",
+                }
+            ),
+            matchers.json_params_matcher(PAYLOAD),
+        ],
+    )
+    lm.chat_completion(PAYLOAD, correlation_id="cid-1")
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        False,
+        {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        {"prompt_tokens": "5", "completion_tokens": 2, "total_tokens": 7},
+        "n/a",
+    ],
+    ids=["missing", "zeros", "not-int", "not-dict"],
+)
+def test_unknown_usage_is_none(client, upstream, usage):
+    upstream.post(CHAT, json=completion(usage=usage))
+    assert client.chat_completion(PAYLOAD).usage is None
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_retries_retryable_status_then_succeeds(client, ordered, sleeps, status):
+    ordered.post(CHAT, status=status, json={"error": "busy"})
+    ordered.post(CHAT, json=completion())
+    assert client.chat_completion(PAYLOAD).text == "Hello."
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, LMStudioRequestError),
+        (401, LMStudioAuthError),
+        (403, LMStudioAuthError),
+        (422, LMStudioRequestError),
+        (501, LMStudioServerError),
+    ],
+)
+def test_no_retry_on_other_statuses(client, upstream, sleeps, status, error):
+    upstream.post(CHAT, status=status, json={"error": {"message": "nope"}})
+    with pytest.raises(error) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.status == status
+    assert info.value.attempts == 1
+    assert sleeps == []
+
+
+def test_gives_up_after_retry_count(client, upstream, sleeps):
+    upstream.post(CHAT, status=500, json={"error": "boom"})
+    with pytest.raises(LMStudioServerError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.attempts == 3
+    assert len(upstream.calls) == 3
+    assert len(sleeps) == 2
+    # Exponential with jitter: the second wait's range lies above the first's.
+    assert 0.25 <= sleeps[0] <= 0.5 <= sleeps[1] <= 1.0
+
+
+def test_honours_retry_after(client, ordered, sleeps):
+    ordered.post(CHAT, status=429, headers={"Retry-After": "3"}, json={"error": "x"})
+    ordered.post(CHAT, json=completion())
+    client.chat_completion(PAYLOAD)
+    assert sleeps == [3.0]
+
+
+def test_caps_retry_after(client, ordered, sleeps):
+    ordered.post(CHAT, status=503, headers={"Retry-After": "3600"}, json={})
+    ordered.post(CHAT, json=completion())
+    client.chat_completion(PAYLOAD)
+    assert sleeps == [10.0]
+
+
+def test_busy_error_keeps_retry_after(client, upstream):
+    upstream.post(CHAT, status=503, headers={"Retry-After": "2"}, json={})
+    with pytest.raises(LMStudioBusyError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.retry_after == 2.0
+
+
+def test_retries_connection_errors(client, ordered, sleeps):
+    ordered.post(CHAT, body=requests.ConnectionError("reset by peer"))
+    ordered.post(CHAT, json=completion())
+    assert client.chat_completion(PAYLOAD).text == "Hello."
+
+
+def test_connection_error_after_retries(client, upstream):
+    upstream.post(CHAT, body=requests.ConnectionError("refused"))
+    with pytest.raises(LMStudioConnectionError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+def test_read_timeout_is_not_retried(client, upstream, sleeps):
+    upstream.post(CHAT, body=requests.ReadTimeout("slow"))
+    with pytest.raises(LMStudioTimeoutError):
+        client.chat_completion(PAYLOAD)
+    assert len(upstream.calls) == 1
+
+
+def test_connect_timeout_is_retried_as_connection_error(client, upstream):
+    upstream.post(CHAT, body=requests.ConnectTimeout("no route"))
+    with pytest.raises(LMStudioConnectionError):
+        client.chat_completion(PAYLOAD)
+    assert len(upstream.calls) == 3
+
+
+def test_every_attempt_has_timeouts(upstream):
+    lm = LMStudioClient(BASE, connect_timeout=1.5, read_timeout=7)
+    upstream.post(CHAT, json=completion())
+    seen = {}
+
+    original = lm.session.request
+
+    def spy(*args, **kwargs):
+        seen["timeout"] = kwargs["timeout"]
+        return original(*args, **kwargs)
+
+    lm.session.request = spy
+    lm.chat_completion(PAYLOAD)
+    assert seen["timeout"] == (1.5, 7)
+
+
+def test_budget_bounds_the_last_attempts_timeout(upstream, monkeypatch):
+    """An attempt never gets more time than is left of the whole budget."""
+    lm = LMStudioClient(BASE, read_timeout=30, retry_budget=4)
+    clock = iter([100.0, 103.0])  # the call starts, then 3 s later the attempt
+    monkeypatch.setattr(
+        "llm_service.lmstudio.client.time.monotonic", lambda: next(clock)
+    )
+    seen = {}
+    original = lm.session.request
+
+    def spy(*args, **kwargs):
+        seen["timeout"] = kwargs["timeout"]
+        return original(*args, **kwargs)
+
+    lm.session.request = spy
+    upstream.post(CHAT, json=completion())
+    lm.chat_completion(PAYLOAD)
+    assert seen["timeout"] == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        # LM Studio's three error shapes, and its 200-with-error.
+        (200, {"error": "No models loaded. Please load a model."}, NoModelLoadedError),
+        (400, {"error": "No models loaded. Please load a model."}, NoModelLoadedError),
+        (
+            404,
+            {"error": {"message": 'Model "x" not found', "code": "model_not_found"}},
+            ModelNotFoundError,
+        ),
+        (
+            400,
+            {"error": {"message": 'Invalid model identifier "x".'}},
+            ModelNotFoundError,
+        ),
+        (400, {"message": "The model 'x' was not found"}, ModelNotFoundError),
+        (
+            401,
+            {
+                "error": {
+                    "type": "invalid_request",
+                    "code": "invalid_api_key",
+                    "message": "Invalid API key",
+                }
+            },
+            LMStudioAuthError,
+        ),
+        (400, {"detail": "context length exceeded"}, LMStudioRequestError),
+        (
+            200,
+            {"error": "Unexpected endpoint or method. (POST /x)"},
+            LMStudioProtocolError,
+        ),
+        (200, {"error": "something odd"}, LMStudioServerError),
+    ],
+)
+def test_error_shapes(client, upstream, status, body, error):
+    upstream.post(CHAT, status=status, json=body)
+    with pytest.raises(error):
+        client.chat_completion(PAYLOAD)
+
+
+def test_200_with_error_is_not_retried(client, upstream):
+    upstream.post(CHAT, json={"error": "something odd"})
+    with pytest.raises(LMStudioServerError):
+        client.chat_completion(PAYLOAD)
+    assert len(upstream.calls) == 1
+
+
+def test_request_error_keeps_upstream_details(client, upstream):
+    upstream.post(
+        CHAT,
+        status=400,
+        json={"error": {"message": "Context length exceeded"}},
+        headers={"x-request-id": "up-42"},
+    )
+    with pytest.raises(LMStudioRequestError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.message == "Context length exceeded"
+    assert info.value.request_id == "up-42"
+    assert "Context length exceeded" in info.value.body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html>oops</html>",
+        '{"choices": [',
+        json.dumps({"choices": []}),
+        json.dumps({"choices": [{"message": {"content": 5}}]}),
+        json.dumps([1, 2]),
+    ],
+    ids=["html", "truncated", "no-choices", "bad-content", "array"],
+)
+def test_invalid_answers_are_protocol_errors(client, upstream, body):
+    upstream.post(CHAT, body=body, content_type="application/json")
+    with pytest.raises(LMStudioProtocolError):
+        client.chat_completion(PAYLOAD)
+
+
+def test_list_models(client, upstream):
+    upstream.get(
+        f"{BASE}/v1/models",
+        json={"object": "list", "data": [{"id": "a"}, {"id": "b"}]},
+    )
+    assert client.list_models() == ["a", "b"]
+
+
+def test_probe_lmstudio_reports_loaded_models(client, upstream):
+    upstream.get(f"{BASE}/v1/models", json={"data": [{"id": "a"}, {"id": "b"}]})
+    upstream.get(f"{BASE}/lmstudio-greeting", json={"lmstudio": True})
+    upstream.get(
+        f"{BASE}/api/v0/models",
+        json={
+            "data": [
+                {"id": "a", "type": "llm", "state": "not-loaded"},
+                {"id": "b", "type": "llm", "state": "loaded"},
+                {"id": "e", "type": "embeddings", "state": "loaded"},
+            ]
+        },
+    )
+    report = client.probe()
+    assert report.reachable
+    assert report.server == "lmstudio"
+    assert report.models == ["a", "b"]
+    assert report.loaded == ["b"]
+    assert report.ready
+    assert report.servable_models == ["b"]
+
+
+def test_probe_other_server_has_unknown_loaded_state(client, upstream):
+    upstream.get(f"{BASE}/v1/models", json={"data": [{"id": "gemma"}]})
+    upstream.get(f"{BASE}/lmstudio-greeting", status=404, json={"detail": "Not Found"})
+    report = client.probe()
+    assert report.server == "openai-compatible"
+    assert report.loaded is None
+    assert report.servable_models == ["gemma"]
+    assert report.ready
+
+
+def test_probe_unreachable_does_not_retry(client, upstream, sleeps):
+    upstream.get(f"{BASE}/v1/models", body=requests.ConnectionError("refused"))
+    report = client.probe()
+    assert not report.reachable
+    assert not report.ready
+    assert "connection failed" in report.error
+    assert len(upstream.calls) == 1
+    assert sleeps == []
+
+
+def test_probe_wrong_base_url(client, upstream):
+    # LM Studio answers unknown paths with 200 and an error body.
+    upstream.get(
+        f"{BASE}/v1/models",
+        json={"error": "Unexpected endpoint or method. (GET /v1/v1/models)"},
+    )
+    report = client.probe()
+    assert not report.reachable
+    assert "server's root" in report.error

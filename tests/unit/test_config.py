@@ -1,0 +1,113 @@
+"""Settings: defaults, layering, validation at start-up."""
+
+import pytest
+
+from llm_service import create_app
+from llm_service.config import SETTINGS, ConfigError
+
+
+def test_defaults():
+    config = create_app().config
+    assert config["LM_STUDIO_BASE_URL"] == "http://localhost:1234"
+    assert config["LM_STUDIO_TIMEOUT"] == 30.0
+    assert config["MAX_REQUEST_SIZE"] == 10000
+    assert config["MAX_CONTENT_LENGTH"] == 10000
+    assert config["RATE_LIMIT_REQUESTS"] == 100
+    assert config["RATE_LIMIT_STORAGE_URI"] == "memory://"
+    assert config["LOG_LEVEL"] == "INFO"
+    assert config["LOG_FORMAT"] == "json"
+    assert config["DEBUG"] is False
+    assert config["ALLOWED_ORIGINS"] is None
+    assert config["TRUSTED_HOSTS"] is None
+    assert config["LM_STUDIO_API_TOKEN"] is None
+
+
+def test_environment_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_HOST", "10.0.0.5")
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_PORT", "4321")
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_TIMEOUT", "12.5")
+    monkeypatch.setenv("LLM_SERVICE_DEBUG", "false")
+    monkeypatch.setenv("LLM_SERVICE_LOG_FORMAT", "text")
+    monkeypatch.setenv("LLM_SERVICE_TRUSTED_HOSTS", '["api.example.com"]')
+    monkeypatch.setenv("LLM_SERVICE_ALLOWED_ORIGINS", "https://a.com, https://b.com")
+    config = create_app().config
+    assert config["LM_STUDIO_BASE_URL"] == "http://10.0.0.5:4321"
+    assert config["LM_STUDIO_TIMEOUT"] == 12.5
+    assert config["LOG_FORMAT"] == "text"
+    assert config["TRUSTED_HOSTS"] == ["api.example.com"]
+    assert config["ALLOWED_ORIGINS"] == ["https://a.com", "https://b.com"]
+
+
+def test_test_config_overrides_environment(monkeypatch):
+    monkeypatch.setenv("LLM_SERVICE_RATE_LIMIT_REQUESTS", "5")
+    assert create_app({"RATE_LIMIT_REQUESTS": 7}).config["RATE_LIMIT_REQUESTS"] == 7
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://gpu-box:1234", "http://gpu-box:1234"),
+        ("http://gpu-box:1234/", "http://gpu-box:1234"),
+        ("http://gpu-box:1234/v1", "http://gpu-box:1234"),
+        ("https://llm.example.com/lmstudio/v1/", "https://llm.example.com/lmstudio"),
+    ],
+)
+def test_url_overrides_host_and_port(monkeypatch, url, expected):
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_HOST", "ignored")
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_URL", url)
+    assert create_app().config["LM_STUDIO_BASE_URL"] == expected
+
+
+def test_ipv6_host():
+    config = create_app({"LM_STUDIO_HOST": "::1"}).config
+    assert config["LM_STUDIO_BASE_URL"] == "http://[::1]:1234"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LM_STUDIO_PORT", "abc", "an integer from 1 to 65535"),
+        ("LM_STUDIO_PORT", "70000", "an integer from 1 to 65535"),
+        ("LM_STUDIO_TIMEOUT", "-1", "a number of seconds > 0"),
+        ("LM_STUDIO_TIMEOUT", "0", "a number of seconds > 0"),
+        ("LM_STUDIO_TIMEOUT", "soon", "a number of seconds > 0"),
+        ("MAX_REQUEST_SIZE", "0", "an integer >= 1"),
+        ("RATE_LIMIT_REQUESTS", "true", "an integer >= 1"),
+        ("ALLOWED_ORIGINS", '["https://a.com"', "a JSON list of strings"),
+        ("TRUSTED_HOSTS", "[1, 2]", "a JSON list of strings"),
+        ("LOG_LEVEL", "LOUD", "one of DEBUG, INFO"),
+        ("LOG_FORMAT", "xml", "one of json, text"),
+        ("DEBUG", "maybe", "true or false"),
+        ("LM_STUDIO_URL", "localhost:1234", "an http:// or https:// URL"),
+        ("LM_STUDIO_HOST", "http://x", "a host name or IP address"),
+        ("RATE_LIMIT_STORAGE_URI", "mongodb://x", "a storage URI"),
+        ("LM_STUDIO_RETRIES", "-1", "an integer from 0 to 10"),
+        ("TRUSTED_PROXIES", "x", "an integer from 0 to 10"),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_variable(
+    monkeypatch, name, value, expected
+):
+    monkeypatch.setenv(f"LLM_SERVICE_{name}", value)
+    with pytest.raises(ConfigError) as info:
+        create_app()
+    message = str(info.value)
+    assert f"LLM_SERVICE_{name}=" in message
+    assert expected in message
+
+
+def test_default_max_tokens_within_maximum():
+    with pytest.raises(ConfigError, match="DEFAULT_MAX_TOKENS"):
+        create_app({"DEFAULT_MAX_TOKENS": 100, "MAX_MAX_TOKENS": 50})
+
+
+def test_every_setting_is_documented():
+    """README's table and .env.example list every setting, so docs cannot drift."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    example = (root / ".env.example").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.env_var}`" in readme, setting.env_var
+        assert f"{setting.env_var}=" in example, setting.env_var
