@@ -39,5 +39,7 @@ loglevel = _env("LOG_LEVEL", "info")
 # Request-line and header limits keep hostile requests small before Flask runs.
 limit_request_line = 8190
 limit_request_fields = 100
-limit_request_field_size = 8190
+# Large enough that an over-long X-Correlation-ID reaches the app (and is
+# replaced there) instead of being refused with a non-JSON error page.
+limit_request_field_size = 32768
 proc_name = "llm-service"

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import current_app, request
 from marshmallow import Schema, ValidationError, fields, validate, validates
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from .errors import APIError
 
@@ -107,6 +107,7 @@ def load_json_body(schema: Schema) -> dict[str, Any]:
     Malformed JSON is a 400, a body not sent as JSON a 415 (raised by Flask);
     the nesting guard keeps a hostile document from exhausting the stack.
     """
+    _refuse_oversize_stream()
     try:
         body = request.get_json()
     except BadRequest:
@@ -118,3 +119,18 @@ def load_json_body(schema: Schema) -> dict[str, Any]:
             400, "invalid_json", "The JSON body is nested too deeply."
         ) from None
     return schema.load(body)
+
+
+def _refuse_oversize_stream() -> None:
+    """Answer 413 for a chunked body longer than the limit.
+
+    Werkzeug rejects a too-large ``Content-Length`` itself, but silently cuts a
+    body without one (chunked) at the limit, which would surface as a confusing
+    "invalid JSON". One byte past the limit tells the two apart.
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None or limit is None:
+        return
+    at_limit = len(request.get_data(cache=True)) >= limit
+    if at_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()

@@ -86,3 +86,30 @@ def log_output(app):
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)
+
+
+def _switch(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Apply the seed's switches: SKIP_REAL_LLM_TESTS, ONLY_REAL_LLM_TESTS,
+    SKIP_PERFORMANCE_TESTS and TEST_TIMEOUT (seconds per test)."""
+    skip_real = _switch("SKIP_REAL_LLM_TESTS")
+    only_real = _switch("ONLY_REAL_LLM_TESTS")
+    skip_performance = _switch("SKIP_PERFORMANCE_TESTS")
+    timeout = os.environ.get("TEST_TIMEOUT")
+    for item in items:
+        if "tests/live/" in str(item.fspath):
+            item.add_marker(pytest.mark.real_llm)
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+        is_real = item.get_closest_marker("real_llm") is not None
+        if skip_real and is_real:
+            item.add_marker(pytest.mark.skip(reason="SKIP_REAL_LLM_TESTS is set"))
+        if only_real and not is_real:
+            item.add_marker(pytest.mark.skip(reason="ONLY_REAL_LLM_TESTS is set"))
+        if skip_performance and item.get_closest_marker("performance"):
+            item.add_marker(pytest.mark.skip(reason="SKIP_PERFORMANCE_TESTS is set"))
+        if timeout and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(float(timeout)))

@@ -1,0 +1,76 @@
+# llm-service developer commands. Every target bootstraps .venv when missing.
+# `make help` lists them.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run run-dev test test-unit test-integration test-live test-real \
+	test-cov test-connection test-api lint format clean lock local-llm
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
+	@echo ">> preparing $(VENV): installing pinned dependencies (first run only)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check \
+		-r requirements-dev.txt
+	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+	@echo ">> $(VENV) is ready"
+
+venv: $(STAMP) ## create .venv with the pinned dependencies
+
+run: $(STAMP) ## serve on http://$(HOST):$(PORT) with gunicorn
+	@echo ">> llm-service on http://$(HOST):$(PORT) (Ctrl-C to stop)"
+	@GUNICORN_BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+run-dev: $(STAMP) ## flask development server with reload and debug
+	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
+		$(BIN)/flask run --host $(HOST) --port $(PORT) --reload
+
+test: $(STAMP) ## every test: unit, integration and live
+	@$(BIN)/pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## unit tests (upstream mocked with responses)
+	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP) ## real gunicorn in front of the fake LM Studio
+	@$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-real: $(STAMP) ## live tests against a real model server
+	@$(BIN)/pytest tests/live -m real_llm $(PYTEST_ARGS)
+
+test-live: test-real
+
+test-cov: $(STAMP) ## every test with a coverage report
+	@$(BIN)/pytest tests --cov --cov-report=term-missing $(PYTEST_ARGS)
+
+test-connection: $(STAMP) ## diagnose the configured LM Studio step by step
+	@$(BIN)/flask lmstudio check --generate
+
+test-api: $(STAMP) ## manual smoke test of a running gateway (make run first)
+	@$(PY) scripts/api_smoke.py --url http://$(HOST):$(PORT)
+
+lint: $(STAMP) ## ruff lint and format check
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff fix and format
+	@$(BIN)/ruff check --fix .
+	@$(BIN)/ruff format .
+
+lock: $(STAMP) ## re-pin requirements*.txt from requirements*.in
+	@$(PY) scripts/lock.py
+
+clean: ## remove caches and build output (keeps .venv)
+	@rm -rf build dist *.egg-info .pytest_cache .ruff_cache .coverage htmlcov .tox
+	@find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,1177 @@
+"""A fake LM Studio server speaking real HTTP/1.1 over a loopback socket.
+
+Integration tests point a real gunicorn gateway at it, so it imitates what a
+client of LM Studio actually sees on the wire: Express-style keep-alive that
+really closes idle sockets, HTTP 200 for unknown paths, the single-loaded-model
+quirk, OpenAI-shaped JSON and server-sent events, and failures injected on
+demand. Unlisted behaviour follows LM Studio's public docs and bug reports.
+
+Standard library only. Every connection runs in a daemon thread, every wait is
+bounded and wakes up on :meth:`FakeLMStudio.stop`, so a test run never hangs
+on it::
+
+    with FakeLMStudio(models=["a", "b"], loaded=["a"]) as fake:
+        fake.fault("status", times=1, status=503, headers={"Retry-After": "1"})
+        ...  # point the gateway at fake.url
+        assert fake.requests[-1].json["model"] == "b"
+
+Run it by hand with ``python -m tests.fakes.lmstudio --port 1234``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import re
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+__all__ = [
+    "FAULT_KINDS",
+    "ConnectionRecord",
+    "FakeLMStudio",
+    "Fault",
+    "RequestRecord",
+    "echo_reply",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+NO_MODELS_LOADED = (
+    "No models loaded. Please load a model in the developer page "
+    "or use the `lms load` command."
+)
+
+#: Fault kinds accepted by :meth:`FakeLMStudio.fault`, with their keyword arguments.
+FAULT_KINDS: dict[str, frozenset[str]] = {
+    "refuse": frozenset(),
+    "stall": frozenset({"seconds"}),
+    "status": frozenset({"status", "body", "headers"}),
+    "malformed": frozenset({"variant", "body", "content_type"}),
+    "error200": frozenset({"error"}),
+    "reset": frozenset({"rst"}),
+    "stream_error": frozenset({"after", "error"}),
+    "stream_cut": frozenset({"after"}),
+    "slow_stream": frozenset({"interval"}),
+}
+# These only make sense once a stream is under way, so they wait for one.
+_STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_cut", "slow_stream"})
+
+_MALFORMED_BODIES = {
+    "html": (b"<html><body>oops</body></html>", "text/html; charset=utf-8"),
+    "truncated": (
+        b'{"id": "chatcmpl-fake", "object": "chat.completion", "choi',
+        "application/json; charset=utf-8",
+    ),
+    "empty": (b"", "application/json; charset=utf-8"),
+}
+
+_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_USAGE_MODES = frozenset({"normal", "zeros", "missing"})
+
+# Granularity of every interruptible wait: bounds how late stop() or a
+# vanished client is noticed by a stalled or streaming request.
+_POLL_SECONDS = 0.05
+# Bound on any single read or write once a request has started, so a client
+# that stops reading cannot pin a thread for ever.
+_IO_TIMEOUT_SECONDS = 30.0
+_MAX_REQUEST_LINE = 65536
+_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class RequestRecord:
+    """One request as the fake received it, and what became of it."""
+
+    method: str
+    path: str  # without the query string
+    query: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    json: Any  # parsed body, or None when absent or not JSON
+    received_at: float  # time.monotonic()
+    connection_id: int
+    fault: str | None = None  # kind of the fault applied, if any
+    status: int | None = None  # status sent, None when none was sent
+    chunks_sent: int = 0  # SSE `data:` payloads written, [DONE] included
+    client_disconnected: bool = False  # the client left before the response ended
+    finished_at: float | None = None
+
+
+@dataclass
+class ConnectionRecord:
+    """One accepted TCP connection.
+
+    ``closed_by`` says who ended it: ``"peer"`` (the client closed or reset
+    it), ``"idle_timeout"``, ``"server"`` (``Connection: close`` or a
+    protocol error), ``"fault"``, ``"stop"``, ``"overload"`` or ``"error"``.
+    """
+
+    id: int
+    peer: tuple[str, int]
+    opened_at: float  # time.monotonic()
+    closed_at: float | None = None
+    closed_by: str | None = None
+    requests: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.closed_at is None
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether the server saw the client close (or reset) the connection."""
+        return self.closed_by == "peer"
+
+
+@dataclass
+class Fault:
+    """A queued fault; ``hits`` counts the requests it has been applied to."""
+
+    kind: str
+    times: int | None
+    path: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    hits: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.times is not None and self.hits >= self.times
+
+    def matches(self, path: str, streaming: bool) -> bool:
+        if self.path is not None and not path.startswith(self.path):
+            return False
+        return streaming or self.kind not in _STREAM_ONLY_KINDS
+
+
+class _Abort(Exception):
+    """Unwind the current request and close its connection."""
+
+
+def echo_reply(request: dict[str, Any]) -> str:
+    """Return the default reply: ``"Echo: "`` plus the last user text or prompt."""
+    if "messages" in request:
+        text = ""
+        for message in request.get("messages") or []:
+            if isinstance(message, dict) and message.get("role") == "user":
+                text = _content_text(message.get("content"))
+        return f"Echo: {text}"
+    prompt = request.get("prompt", "")
+    if isinstance(prompt, list):
+        prompt = " ".join(str(part) for part in prompt)
+    return f"Echo: {prompt}"
+
+
+def _content_text(content: Any) -> str:
+    """Flatten a message content (a string or a list of parts) to text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _split_tokens(text: str) -> list[str]:
+    # Each "token" keeps its leading whitespace so the pieces join back into
+    # exactly the reply text (trailing whitespace aside).
+    return re.findall(r"\s*\S+", text)
+
+
+def _embedding(text: str) -> list[float]:
+    """Return 8 floats in [-1, 1], a pure function of ``text``."""
+    words = struct.unpack(">8I", hashlib.sha256(text.encode()).digest())
+    return [round(word / 0xFFFFFFFF * 2 - 1, 6) for word in words]
+
+
+def _dumps(obj: Any) -> bytes:
+    # Compact like Express's res.json().
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class FakeLMStudio:
+    """A fake LM Studio (or, with ``lmstudio=False``, llama.cpp) server.
+
+    Attributes may be changed between requests; each request reads them once
+    when it arrives:
+
+    - ``models``: ids of downloaded models (``/v1/models`` lists them all).
+    - ``loaded``: ids of loaded models (defaults to ``models``).
+    - ``lmstudio``: answer ``/lmstudio-greeting`` and ``/api/v0/models``.
+    - ``api_token``: when set, require ``Authorization: Bearer <token>``.
+    - ``reply``: None (echo), a string, or ``callable(request_json) -> str``.
+    - ``usage_mode``: ``"normal"``, ``"zeros"`` or ``"missing"``.
+    - ``stream_interval``: seconds between streamed chunks.
+    - ``first_token_delay``: seconds before the first chunk (or, without
+      streaming, before the response).
+    - ``idle_timeout``: seconds a keep-alive connection may idle (None: for ever).
+    - ``unknown_model_status``: 404 (older LM Studio) or 400 (newer).
+    - ``max_context_length``, ``max_connections``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        models: list[str] | None = None,
+        loaded: list[str] | None = None,
+        lmstudio: bool = True,
+        api_token: str | None = None,
+        reply: str | Callable[[dict[str, Any]], str] | None = None,
+        usage_mode: str = "normal",
+        stream_interval: float = 0.0,
+        first_token_delay: float = 0.0,
+        idle_timeout: float | None = 5.0,
+        unknown_model_status: int = 404,
+        max_context_length: int = 8192,
+        max_connections: int = 256,
+    ) -> None:
+        if usage_mode not in _USAGE_MODES:
+            raise ValueError(f"usage_mode must be one of {sorted(_USAGE_MODES)}")
+        self.host = host
+        self._port = port
+        self.models = list(models) if models is not None else ["fake-model-1"]
+        self.loaded = list(loaded) if loaded is not None else list(self.models)
+        self.lmstudio = lmstudio
+        self.api_token = api_token
+        self.reply = reply
+        self.usage_mode = usage_mode
+        self.stream_interval = stream_interval
+        self.first_token_delay = first_token_delay
+        self.idle_timeout = idle_timeout
+        self.unknown_model_status = unknown_model_status
+        self.max_context_length = max_context_length
+        self.max_connections = max_connections
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._requests: list[RequestRecord] = []
+        self._connections: list[ConnectionRecord] = []
+        self._faults: list[Fault] = []
+        self._open_sockets: dict[int, socket.socket] = {}
+        self._threads: set[threading.Thread] = set()
+        self._ids = itertools.count(1)
+        self._completion_ids = itertools.count(1)
+
+        self._listen_lock = threading.Lock()
+        self._accept_thread: threading.Thread | None = None
+        self._wake_acceptor: socket.socket | None = None
+        self._started = False
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (the requested one before :meth:`start`)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL without ``/v1``, e.g. ``http://127.0.0.1:54321``."""
+        return f"http://{self.host}:{self._port}"
+
+    @property
+    def listening(self) -> bool:
+        return self._accept_thread is not None
+
+    def start(self) -> FakeLMStudio:
+        """Bind, serve in a daemon thread and return self."""
+        if self._started:
+            raise RuntimeError("FakeLMStudio can only be started once")
+        self._started = True
+        self.accept()
+        return self
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop listening, close every client connection and wait for threads.
+
+        Returns within about ``timeout`` seconds even with stalled or
+        streaming requests in flight: those waits watch the stop flag, and
+        shutting the sockets down wakes any thread blocked in a read or write.
+        """
+        if not self._started or self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.refuse()
+        with self._lock:
+            sockets = list(self._open_sockets.values())
+            threads = list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> FakeLMStudio:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def refuse(self, *, drop_connections: bool = False) -> None:
+        """Close the listening socket, so new connections are refused.
+
+        Connections already accepted carry on unless ``drop_connections`` is
+        true, which is what a server process that died looks like to its
+        clients. :meth:`accept` listens again on the same port.
+        """
+        if drop_connections:
+            with self._lock:
+                sockets = list(self._open_sockets.values())
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        with self._listen_lock:
+            thread, self._accept_thread = self._accept_thread, None
+            if thread is None:
+                return
+            assert self._wake_acceptor is not None
+            # The accept thread closes its own sockets: closing the listener
+            # from here could race with its accept() on a reused descriptor.
+            self._wake_acceptor.send(b"x")
+        thread.join(5.0)
+
+    def accept(self) -> None:
+        """Listen (again) on the port, undoing :meth:`refuse`."""
+        if self._stopping.is_set():
+            raise RuntimeError("FakeLMStudio is stopped")
+        with self._listen_lock:
+            if self._accept_thread is not None:
+                return
+            # create_server sets SO_REUSEADDR, so the port can be bound again
+            # while connections from the previous listener linger.
+            listener = socket.create_server((self.host, self._port), backlog=128)
+            self._port = listener.getsockname()[1]
+            listener.setblocking(False)
+            waker, self._wake_acceptor = socket.socketpair()
+            self._accept_thread = threading.Thread(
+                target=self._accept_loop,
+                args=(listener, waker, self._wake_acceptor),
+                name=f"fake-lmstudio-accept-{self._port}",
+                daemon=True,
+            )
+            self._accept_thread.start()
+
+    def _accept_loop(
+        self, listener: socket.socket, waker: socket.socket, wake: socket.socket
+    ) -> None:
+        """Accept connections until a byte arrives on ``waker``."""
+        try:
+            while True:
+                readable, _, _ = select.select([listener, waker], [], [])
+                if waker in readable:
+                    return
+                try:
+                    sock, peer = listener.accept()
+                except BlockingIOError:  # the client gave up meanwhile
+                    continue
+                except OSError as exc:  # e.g. EMFILE: back off, keep going
+                    log.warning("fake LM Studio accept failed: %s", exc)
+                    time.sleep(_POLL_SECONDS)
+                    continue
+                self._start_connection(sock, peer)
+        finally:
+            for sock in (listener, waker, wake):
+                sock.close()
+
+    def _start_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        sock.settimeout(None)
+        record = ConnectionRecord(next(self._ids), peer, time.monotonic())
+        with self._changed:
+            self._connections.append(record)
+            overloaded = len(self._open_sockets) >= self.max_connections
+            if not overloaded:
+                self._open_sockets[record.id] = sock
+            self._changed.notify_all()
+        if overloaded:
+            sock.close()
+            self._connection_closed(record, "overload")
+            return
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(sock, record),
+            name=f"fake-lmstudio-conn-{record.id}",
+            daemon=True,
+        )
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _serve_connection(self, sock: socket.socket, record: ConnectionRecord) -> None:
+        try:
+            _Handler(sock, record.peer, self, record)
+        except OSError:  # e.g. writing an error page to a vanished client
+            self._connection_closed(record, "peer")
+        except Exception:
+            log.exception("fake LM Studio connection %s failed", record.id)
+            self._connection_closed(record, "error")
+        finally:
+            sock.close()
+            self._connection_closed(record, "server")
+            with self._lock:
+                self._open_sockets.pop(record.id, None)
+                self._threads.discard(threading.current_thread())
+
+    def _connection_closed(self, record: ConnectionRecord, reason: str) -> None:
+        """Record the first reason given; later calls only confirm the close."""
+        with self._changed:
+            if record.closed_by is None:
+                record.closed_by = "stop" if self._stopping.is_set() else reason
+            if record.closed_at is None:
+                record.closed_at = time.monotonic()
+            self._changed.notify_all()
+
+    # -- records -----------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A snapshot of the requests received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def connections(self) -> list[ConnectionRecord]:
+        """A snapshot of the connections accepted so far, oldest first."""
+        with self._lock:
+            return list(self._connections)
+
+    def clear_records(self) -> None:
+        """Forget recorded requests and connections (open ones stay open)."""
+        with self._lock:
+            self._requests.clear()
+            self._connections.clear()
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Wait until ``predicate()`` is truthy; return its last value.
+
+        Re-checks whenever a request or connection is recorded or changes,
+        and at least every 50 ms. Never raises on timeout: assert the result.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            remaining = deadline - time.monotonic()
+            if value or remaining <= 0:
+                return value
+            with self._changed:
+                self._changed.wait(min(remaining, _POLL_SECONDS))
+
+    def _record_request(self, record: RequestRecord) -> None:
+        with self._changed:
+            self._requests.append(record)
+            self._changed.notify_all()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- faults ------------------------------------------------------------
+
+    def fault(
+        self, kind: str, times: int | None = None, *, path: str | None = None, **params
+    ) -> Fault:
+        """Apply fault ``kind`` to the next ``times`` matching requests.
+
+        ``times=None`` keeps it until :meth:`clear_faults`. ``path`` limits it
+        to request paths starting with that prefix. Stream-only kinds match
+        only streaming requests. When several faults match, the oldest wins.
+        ``"refuse"`` is :meth:`refuse` (no ``times`` or ``path``: no request
+        ever arrives to count); :meth:`clear_faults` undoes it.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        unknown = set(params) - FAULT_KINDS[kind]
+        if unknown:
+            raise TypeError(f"fault {kind!r} got unexpected arguments {unknown}")
+        if times is not None and times < 1:
+            raise ValueError("times must be None or at least 1")
+        fault = Fault(kind, times, path, dict(params))
+        if kind == "refuse":
+            if times is not None or path is not None:
+                raise ValueError("a refuse fault takes neither times nor path")
+            self.refuse()
+            return fault
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault and listen again if refusing."""
+        with self._lock:
+            self._faults.clear()
+        if self._started and not self._stopping.is_set():
+            self.accept()
+
+    @property
+    def faults(self) -> list[Fault]:
+        """A snapshot of the faults still queued."""
+        with self._lock:
+            return list(self._faults)
+
+    def _take_fault(self, path: str, streaming: bool) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(path, streaming):
+                    fault.hits += 1
+                    if fault.exhausted:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    # -- behaviour shared by handlers --------------------------------------
+
+    def _reply_text(self, request: dict[str, Any]) -> str:
+        reply = self.reply
+        if reply is None:
+            return echo_reply(request)
+        if callable(reply):
+            return str(reply(request))
+        return str(reply)
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict | None:
+        if self.usage_mode == "missing":
+            return None
+        if self.usage_mode == "zeros":
+            prompt_tokens = completion_tokens = 0
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def _all_models(self) -> list[str]:
+        return list(dict.fromkeys([*self.models, *self.loaded]))
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-fake{next(self._completion_ids)}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serve one connection's requests for a :class:`FakeLMStudio`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self, sock, peer, fake: FakeLMStudio, record: ConnectionRecord):
+        self.fake = fake
+        self.conn_record = record
+        self.record: RequestRecord | None = None
+        self.headers_sent = False
+        super().__init__(sock, peer, fake)
+
+    # -- connection loop -----------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        # Replaces the base class version: any method is routed (LM Studio
+        # answers unknown methods with 200), and the idle wait is timed.
+        fake = self.fake
+        try:
+            # Why: Express closes keep-alive sockets idle for its timeout; a
+            # timed-out wait for the next request line is exactly that.
+            self.connection.settimeout(fake.idle_timeout)
+            self.raw_requestline = self.rfile.readline(_MAX_REQUEST_LINE + 1)
+        except TimeoutError:
+            self._close("idle_timeout")
+            return
+        except OSError:
+            self._close("peer")
+            return
+        if not self.raw_requestline:
+            self._close("peer")
+            return
+        self.connection.settimeout(_IO_TIMEOUT_SECONDS)
+        self.headers_sent = False
+        self.record = None
+        if len(self.raw_requestline) > _MAX_REQUEST_LINE:
+            self.send_error(414)
+            self._close("server")
+            return
+        if not self.parse_request():  # it has answered with an error
+            self._close("server")
+            return
+        self.conn_record.requests += 1
+        try:
+            self._handle_request()
+        except _Abort:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self._client_gone()
+        except TimeoutError:
+            self._close("error")
+        except OSError:
+            self._close("peer")  # recorded as "stop" when stop() caused it
+        except Exception:
+            log.exception("fake LM Studio failed on %s %s", self.command, self.path)
+            self._close("error")
+            if not self.headers_sent:
+                error = {"error": {"message": "fake LM Studio failed"}}
+                with contextlib.suppress(OSError):
+                    self._send_json(500, error)
+        finally:
+            if self.record is not None:
+                self.record.finished_at = time.monotonic()
+                self.fake._notify()
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+        self.fake._connection_closed(self.conn_record, "server")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("fake LM Studio: " + format, *args)
+
+    def _close(self, reason: str) -> None:
+        """Close the connection after this request and record why."""
+        self.close_connection = True
+        with self.fake._changed:
+            if self.conn_record.closed_by is None:
+                stopping = self.fake._stopping.is_set()
+                self.conn_record.closed_by = "stop" if stopping else reason
+
+    def _client_gone(self) -> None:
+        if self.record is not None:
+            self.record.client_disconnected = True
+        self._close("peer")
+
+    # -- request handling ----------------------------------------------------
+
+    def _handle_request(self) -> None:
+        fake = self.fake
+        raw_path, _, query = self.path.partition("?")
+        body = self._read_body()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        self.record = RequestRecord(
+            method=self.command,
+            path=raw_path,
+            query=query,
+            headers={name.lower(): value for name, value in self.headers.items()},
+            body=body,
+            json=parsed,
+            received_at=time.monotonic(),
+            connection_id=self.conn_record.id,
+        )
+        fake._record_request(self.record)
+
+        # Express routes are not strict about a trailing slash.
+        route = raw_path.rstrip("/") or "/"
+        streaming = (
+            self.command == "POST"
+            and route in _GENERATION_PATHS
+            and isinstance(parsed, dict)
+            and parsed.get("stream") is True
+        )
+        fault = fake._take_fault(raw_path, streaming)
+        if fault is not None:
+            self.record.fault = fault.kind
+            if fault.kind not in _STREAM_ONLY_KINDS and self._apply_fault(fault):
+                return
+
+        if fake.api_token is not None:
+            expected = f"Bearer {fake.api_token}"
+            if self.headers.get("Authorization") != expected:
+                self._send_json(401, _invalid_api_key())
+                return
+
+        handler = self._route(route)
+        if handler is None:
+            message = f"Unexpected endpoint or method. ({self.command} {raw_path})"
+            self._send_json(200, {"error": message})
+            return
+        if self.command == "POST" and not isinstance(parsed, dict):
+            self._send_json(400, _invalid_request("Request body must be a JSON object"))
+            return
+        handler(parsed, fault if streaming else None)
+
+    def _route(self, route: str) -> Callable[..., None] | None:
+        routes: dict[tuple[str, str], Callable[..., None]] = {
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/embeddings"): self._embeddings,
+        }
+        if self.fake.lmstudio:
+            routes[("GET", "/lmstudio-greeting")] = self._greeting
+            routes[("GET", "/api/v0/models")] = self._v0_models
+        return routes.get((self.command, route))
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked_body()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY_BYTES:
+            raise _Abort
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked_body(self) -> bytes:
+        parts: list[bytes] = []
+        size_read = 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise _Abort
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # skip trailers
+                return b"".join(parts)
+            size_read += size
+            if size_read > _MAX_BODY_BYTES:
+                raise _Abort
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF closing the chunk
+
+    # -- faults --------------------------------------------------------------
+
+    def _apply_fault(self, fault: Fault) -> bool:
+        """Apply a non-streaming fault; return True when it answered the request."""
+        params = fault.params
+        kind = fault.kind
+        if kind == "stall":
+            # Say nothing, then answer normally if the client is still there.
+            if not self._wait(params.get("seconds", 60.0)):
+                raise _Abort
+            return False
+        if kind == "status":
+            status = params.get("status", 500)
+            body = params.get("body")
+            if body is None:
+                body = {"error": {"message": f"Injected HTTP {status}"}}
+            self._send_json(status, body, params.get("headers"))
+        elif kind == "malformed":
+            payload, content_type = _MALFORMED_BODIES[params.get("variant", "html")]
+            payload = params.get("body", payload)
+            if isinstance(payload, str):
+                payload = payload.encode()
+            content_type = params.get("content_type", content_type)
+            self._send_bytes(200, payload, content_type)
+        elif kind == "error200":
+            self._send_json(200, {"error": params.get("error", "Injected error")})
+        elif kind == "reset":
+            self._reset(rst=params.get("rst", False))
+        return True
+
+    def _reset(self, rst: bool) -> None:
+        """Close the socket without a word: FIN, or RST when ``rst``."""
+        if rst:
+            # A zero linger turns close() into a RST.
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        else:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        # The makefile() wrappers hold references that would defer the close.
+        self.rfile.close()
+        self.wfile.close()
+        self.connection.close()
+        self._close("fault")
+        raise _Abort
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; False when stopping or the client left."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.fake._stopping.is_set():
+                self._close("stop")
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            step = min(remaining, _POLL_SECONDS)
+            # Readable means: EOF (client gone, or stop() shut the socket)
+            # or pipelined bytes, which are left in place.
+            readable, _, _ = select.select([self.connection], [], [], step)
+            if readable:
+                try:
+                    gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    if not self.fake._stopping.is_set():
+                        self._client_gone()
+                    return False
+                self.fake._stopping.wait(step)
+
+    # -- endpoints -----------------------------------------------------------
+
+    def _greeting(self, _body: Any, _fault: Fault | None) -> None:
+        self._send_json(200, {"lmstudio": True})
+
+    def _models(self, _body: Any, _fault: Fault | None) -> None:
+        data = [
+            {"id": model, "object": "model", "owned_by": "organization_owner"}
+            for model in self.fake._all_models()
+        ]
+        self._send_json(200, {"object": "list", "data": data})
+
+    def _v0_models(self, _body: Any, _fault: Fault | None) -> None:
+        fake = self.fake
+        loaded = set(fake.loaded)
+        data = []
+        for model in fake._all_models():
+            entry = {
+                "id": model,
+                "object": "model",
+                "type": "embeddings" if "embed" in model.lower() else "llm",
+                "publisher": model.split("/")[0] if "/" in model else "fake-publisher",
+                "arch": "llama",
+                "compatibility_type": "gguf",
+                "quantization": "Q4_K_M",
+                "state": "loaded" if model in loaded else "not-loaded",
+                "max_context_length": fake.max_context_length,
+                "capabilities": [],
+            }
+            if model in loaded:
+                entry["loaded_context_length"] = min(4096, fake.max_context_length)
+            data.append(entry)
+        self._send_json(200, {"object": "list", "data": data})
+
+    def _resolve_model(self, requested: Any) -> str | None:
+        """Return the answering model, or send LM Studio's error and return None."""
+        fake = self.fake
+        loaded = list(fake.loaded)
+        if requested and requested not in fake._all_models():
+            status = fake.unknown_model_status
+            if status == 404:
+                message = f'Model "{requested}" not found'
+            else:
+                message = f'Invalid model identifier "{requested}".'
+            error = {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }
+            self._send_json(status, {"error": error})
+            return None
+        if not loaded:
+            self._send_json(400, {"error": NO_MODELS_LOADED})
+            return None
+        if len(loaded) == 1:
+            # LM Studio quirk: a single loaded model answers whatever was asked.
+            return loaded[0]
+        # A known but unloaded model would be loaded just in time.
+        return requested or loaded[0]
+
+    def _chat(self, body: dict[str, Any], fault: Fault | None) -> None:
+        if not isinstance(body.get("messages"), list):
+            self._send_json(400, _invalid_request("'messages' field is required"))
+            return
+        prompt_words = sum(
+            _count_words(_content_text(message.get("content")))
+            for message in body["messages"]
+            if isinstance(message, dict)
+        )
+        self._generate("chat", body, prompt_words, fault)
+
+    def _completions(self, body: dict[str, Any], fault: Fault | None) -> None:
+        prompt = body.get("prompt")
+        if prompt is None:
+            self._send_json(400, _invalid_request("'prompt' field is required"))
+            return
+        if isinstance(prompt, list):
+            prompt = " ".join(str(part) for part in prompt)
+        self._generate("text", body, _count_words(str(prompt)), fault)
+
+    def _generate(
+        self, kind: str, body: dict[str, Any], prompt_tokens: int, fault: Fault | None
+    ) -> None:
+        model = self._resolve_model(body.get("model"))
+        if model is None:
+            return
+        tokens = _split_tokens(self.fake._reply_text(body))
+        finish_reason = "stop"
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        if isinstance(limit, int) and 0 < limit < len(tokens):
+            tokens = tokens[:limit]
+            finish_reason = "length"
+        usage = self.fake._usage(prompt_tokens, len(tokens))
+        completion_id = self.fake._new_id("chatcmpl" if kind == "chat" else "cmpl")
+        created = int(time.time())
+
+        def envelope(obj: str) -> dict[str, Any]:
+            # Key order as in OpenAI's objects, for readable captures.
+            return {
+                "id": completion_id,
+                "object": obj,
+                "created": created,
+                "model": model,
+            }
+
+        if body.get("stream") is True:
+            self._stream(kind, envelope, tokens, finish_reason, usage, body, fault)
+            return
+
+        if not self._wait(self.fake.first_token_delay):
+            raise _Abort
+        text = "".join(tokens)
+        if kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            response = {**envelope("chat.completion"), "choices": [choice]}
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            response = {**envelope("text_completion"), "choices": [choice]}
+        if usage is not None:
+            response["usage"] = usage
+        response["system_fingerprint"] = model
+        self._send_json(200, response)
+
+    def _stream(
+        self,
+        kind: str,
+        envelope: Callable[[str], dict[str, Any]],
+        tokens: list[str],
+        finish_reason: str,
+        usage: dict | None,
+        body: dict[str, Any],
+        fault: Fault | None,
+    ) -> None:
+        """Send server-sent events over chunked transfer encoding, as LM Studio does."""
+        fault_kind = fault.kind if fault is not None else None
+        params = fault.params if fault is not None else {}
+        interval = self.fake.stream_interval
+        if fault_kind == "slow_stream":
+            interval = params.get("interval", 1.0)
+        cut_after = params.get("after", 2)
+
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(piece: str | None, index: int, finish: str | None) -> dict:
+            if kind == "chat":
+                delta: dict[str, Any] = {}
+                if index == 0:
+                    delta["role"] = "assistant"
+                if piece is not None:
+                    delta["content"] = piece
+                choice = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": piece or ""}
+            choice.update(logprobs=None, finish_reason=finish)
+            head = envelope(obj)
+            return {**head, "system_fingerprint": head["model"], "choices": [choice]}
+
+        self._start_response(
+            200,
+            {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "Transfer-Encoding": "chunked",
+            },
+        )
+        if not self._wait(self.fake.first_token_delay):
+            raise _Abort
+        pieces = tokens or [""]
+        for index, piece in enumerate(pieces):
+            if index and not self._wait(interval):
+                raise _Abort
+            if fault_kind in ("stream_error", "stream_cut") and index == cut_after:
+                self._stream_fault(fault_kind, params)
+            self._send_event(_dumps(chunk(piece, index, None)))
+        if fault_kind in ("stream_error", "stream_cut") and cut_after >= len(pieces):
+            self._stream_fault(fault_kind, params)
+        self._send_event(_dumps(chunk(None, len(pieces), finish_reason)))
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
+        if include_usage and usage is not None:
+            final = {**envelope(obj), "choices": [], "usage": usage}
+            self._send_event(_dumps(final))
+        self._send_event(b"[DONE]")
+        self._write_chunk(b"")  # the zero-length chunk ends the body
+
+    def _stream_fault(self, kind: str, params: dict[str, Any]) -> None:
+        """Break the stream under way; always raises :class:`_Abort`."""
+        if kind == "stream_error":
+            error = params.get("error", {"message": "Injected stream error"})
+            self._send_event(_dumps({"error": error}))
+            # The body ends cleanly but without [DONE], as after a model crash.
+            self._write_chunk(b"")
+            raise _Abort
+        # stream_cut: no terminating chunk, so the client sees a short body.
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self._close("fault")
+        raise _Abort
+
+    def _embeddings(self, body: dict[str, Any], _fault: Fault | None) -> None:
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            self._send_json(400, _invalid_request("'input' field is required"))
+            return
+        model = self._resolve_model(body.get("model"))
+        if model is None:
+            return
+        texts = [item if isinstance(item, str) else str(item) for item in inputs]
+        data = [
+            {"object": "embedding", "index": index, "embedding": _embedding(text)}
+            for index, text in enumerate(texts)
+        ]
+        response: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        usage = self.fake._usage(sum(_count_words(text) for text in texts), 0)
+        if usage is not None:
+            response["usage"] = {
+                "prompt_tokens": usage["prompt_tokens"],
+                "total_tokens": usage["prompt_tokens"],
+            }
+        self._send_json(200, response)
+
+    # -- writing -------------------------------------------------------------
+
+    def _start_response(self, status: int, headers: dict[str, str]) -> None:
+        # Not send_response(): it adds a Server header Express never sends.
+        self.send_response_only(status)
+        self.send_header("X-Powered-By", "Express")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Date", self.date_time_string())
+        # send_header("Connection") also sets close_connection: derived from
+        # it, the header leaves it unchanged.
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Connection", "keep-alive")
+            idle = self.fake.idle_timeout
+            if idle is not None:
+                seconds = max(1, math.ceil(idle))
+                self.send_header("Keep-Alive", f"timeout={seconds}")
+        self.end_headers()  # writes the buffered header block in one go
+        self.headers_sent = True
+        if self.record is not None:
+            self.record.status = status
+
+    def _send_json(
+        self, status: int, obj: Any, headers: dict[str, str] | None = None
+    ) -> None:
+        payload = obj if isinstance(obj, bytes) else _dumps(obj)
+        self._send_bytes(status, payload, "application/json; charset=utf-8", headers)
+
+    def _send_bytes(
+        self,
+        status: int,
+        payload: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        all_headers = {
+            "Content-Type": content_type,
+            "Content-Length": str(len(payload)),
+            **(headers or {}),
+        }
+        self._start_response(status, all_headers)
+        if self.command != "HEAD":
+            self._write(payload)
+
+    def _send_event(self, data: bytes) -> None:
+        self._write_chunk(b"data: " + data + b"\n\n")
+        if self.record is not None:
+            self.record.chunks_sent += 1
+
+    def _write_chunk(self, data: bytes) -> None:
+        self._write(b"%X\r\n%s\r\n" % (len(data), data))
+
+    def _write(self, data: bytes) -> None:
+        # wfile is unbuffered (wbufsize 0): each write reaches the socket now.
+        self.wfile.write(data)
+
+
+def _invalid_api_key() -> dict[str, Any]:
+    message = (
+        "Malformed or missing LM Studio API token. "
+        "Send it as 'Authorization: Bearer <token>'."
+    )
+    error = {"type": "invalid_request", "code": "invalid_api_key", "message": message}
+    return {"error": error}
+
+
+def _invalid_request(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error"}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a fake LM Studio until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.lmstudio", description=main.__doc__
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1234, help="0 picks a free port")
+    parser.add_argument(
+        "--model", action="append", dest="models", help="downloaded model (repeat)"
+    )
+    parser.add_argument(
+        "--loaded", action="append", help="loaded model (repeat; default: all)"
+    )
+    parser.add_argument("--api-token", help="require this bearer token")
+    parser.add_argument("--idle-timeout", type=float, default=5.0)
+    parser.add_argument("--stream-interval", type=float, default=0.05)
+    parser.add_argument("--first-token-delay", type=float, default=0.0)
+    parser.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="act as llama.cpp's server: no /lmstudio-greeting or /api/v0",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+    )
+    fake = FakeLMStudio(
+        args.host,
+        args.port,
+        models=args.models,
+        loaded=args.loaded,
+        lmstudio=not args.llama_cpp,
+        api_token=args.api_token,
+        idle_timeout=args.idle_timeout,
+        stream_interval=args.stream_interval,
+        first_token_delay=args.first_token_delay,
+    ).start()
+    log.info("fake LM Studio listening on %s (Ctrl-C to stop)", fake.url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
