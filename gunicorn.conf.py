@@ -11,6 +11,7 @@ pointing at Redis, ``GUNICORN_WORKERS`` can grow.
 """
 
 import os
+import resource
 
 
 def _env(name: str, default: str) -> str:
@@ -20,7 +21,13 @@ def _env(name: str, default: str) -> str:
 bind = _env("BIND", "127.0.0.1:8000")  # loopback unless configured
 worker_class = "gthread"
 workers = int(_env("WORKERS", "1"))
-threads = int(_env("THREADS", "64"))
+# A streaming response holds its thread (and a reader thread for the upstream)
+# for its whole life, so threads bound the concurrent streams. Threads start on
+# demand: an idle gateway does not pay for them.
+threads = int(_env("THREADS", "1024"))
+# gthread keeps idle keep-alive connections beside the busy ones: it must
+# exceed `threads` or keep-alive is switched off.
+worker_connections = int(_env("WORKER_CONNECTIONS", str(2 * threads)))
 # Idle keep-alive connections from clients are closed after this many seconds.
 keepalive = int(_env("KEEPALIVE", "5"))
 
@@ -43,3 +50,11 @@ limit_request_fields = 100
 # replaced there) instead of being refused with a non-JSON error page.
 limit_request_field_size = 32768
 proc_name = "llm-service"
+
+
+def on_starting(server):
+    """Raise the open-file limit: every stream holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, max(soft, 4 * worker_connections + 64))
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

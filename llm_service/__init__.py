@@ -34,9 +34,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     upstream.init_app(app)
 
-    from . import cli, health, message
+    from . import cli, health, message, openai_api, openapi
 
     app.register_blueprint(health.bp)
     app.register_blueprint(message.bp)
+    app.register_blueprint(openai_api.bp)
+    openapi.init_app(app)
     cli.init_app(app)
     return app

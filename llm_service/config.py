@@ -220,6 +220,32 @@ SETTINGS: tuple[Setting, ...] = (
         "Longest upstream `Retry-After` the gateway waits for before retrying.",
     ),
     Setting(
+        "STREAM_FIRST_TOKEN_TIMEOUT",
+        120.0,
+        _seconds(),
+        "Streams: longest wait for the upstream's first event (long prompts take "
+        "long).",
+    ),
+    Setting(
+        "STREAM_IDLE_TIMEOUT",
+        60.0,
+        _seconds(),
+        "Streams: longest silence allowed between two upstream events.",
+    ),
+    Setting(
+        "STREAM_TOTAL_TIMEOUT",
+        600.0,
+        _seconds(),
+        "Streams: longest a whole stream may last.",
+    ),
+    Setting(
+        "STREAM_KEEPALIVE_SECONDS",
+        10.0,
+        _seconds(),
+        "Streams: an SSE comment is sent after this much silence so proxies keep "
+        "the connection open.",
+    ),
+    Setting(
         "HEALTH_CACHE_SECONDS",
         5.0,
         _seconds(allow_zero=True),

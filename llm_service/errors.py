@@ -1,15 +1,18 @@
 """The error contract: every failure becomes one JSON shape, in one place.
 
-``{"error": {"code", "message", "details"?}, "correlation_id"}``. This is the only
-module that knows both the LM Studio client's exceptions and HTTP.
+``{"error": {"code", "message", "details"?}, "correlation_id"}``, or on the
+OpenAI-compatible ``/v1`` routes OpenAI's ``{"error": {"message", "type",
+"param", "code"}, "correlation_id"}`` so SDK clients raise the right exception.
+This is the only module that knows both the client's exceptions and HTTP.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -17,9 +20,13 @@ from .lmstudio import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
+    LMStudioConnectTimeoutError,
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
+    LMStudioStreamCutError,
+    LMStudioStreamError,
+    LMStudioStreamTimeoutError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
@@ -31,6 +38,7 @@ log = logging.getLogger("llm_service.errors")
 
 #: Seconds a client is told to wait when the upstream is down.
 UNAVAILABLE_RETRY_AFTER = 5
+OPENAI_PREFIX = "/v1/"
 
 HTTP_CODES = {
     400: "bad_request",
@@ -52,6 +60,17 @@ HTTP_MESSAGES = {
     413: "The request body is larger than the gateway accepts.",
     415: "The request body must be JSON, sent with Content-Type: application/json.",
 }
+OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+STREAM_TIMEOUT_CODES = {
+    "first_token": "upstream_first_token_timeout",
+    "idle": "upstream_stream_stalled",
+    "total": "stream_timeout",
+}
 
 
 class APIError(Exception):
@@ -66,130 +85,36 @@ class APIError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers or {}
+        self.failure = Failure(status, code, message, details, headers or {})
 
 
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    details: Any = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    """Build the contract's JSON response."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        error["details"] = details
-    response = jsonify({"error": error, "correlation_id": correlation_id()})
-    response.status_code = status
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
+@dataclass
+class Failure:
+    """What the client is told about one failure."""
+
+    status: int
+    code: str
+    message: str
+    details: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-def _handle_api_error(error: APIError) -> Response:
-    return error_response(
-        error.status, error.code, error.message, error.details, error.headers
-    )
-
-
-def _handle_http_exception(error: HTTPException) -> Response:
-    status = error.code or 500
-    # Keep the headers werkzeug and flask-limiter chose (Allow, Retry-After...).
-    original = error.get_response()
-    headers = {
-        name: value
-        for name, value in original.headers.items()
-        if name.lower() not in {"content-type", "content-length"}
-    }
-    message = HTTP_MESSAGES.get(status) or error.description or error.name
-    if status == 429:
-        message = f"Rate limit exceeded ({error.description}). Retry later."
-    code = HTTP_CODES.get(status, error.name.lower().replace(" ", "_"))
-    return error_response(status, code, message, headers=headers)
-
-
-def _handle_validation_error(error: ValidationError) -> Response:
-    return error_response(
-        422,
-        "validation_error",
-        "The request body is not valid.",
-        details=error.normalized_messages(),
-    )
-
-
-def _upstream_failure(error: LMStudioError) -> tuple[int, str, str, dict[str, str]]:
-    """Map a client exception to ``(status, code, message, headers)``."""
-    retry_later = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
-    if isinstance(error, ModelNotFoundError):
-        return 404, "model_not_found", error.message, {}
-    if isinstance(error, NoModelLoadedError):
-        get_upstream().forget_health()
-        return (
-            503,
-            "no_model_loaded",
-            "The upstream has no model loaded: load one in LM Studio (or name a "
-            "model it can load).",
-            retry_later,
-        )
-    if isinstance(error, LMStudioAuthError):
-        return (
-            502,
-            "upstream_auth_failed",
-            "The upstream rejected the gateway's credentials.",
-            {},
-        )
-    if isinstance(error, LMStudioRequestError):
-        status = error.status if error.status in (400, 413, 422) else 400
-        return status, "upstream_rejected_request", error.message, {}
-    if isinstance(error, LMStudioConnectionError):
-        return (
-            503,
-            "upstream_unavailable",
-            "The upstream model server is not reachable.",
-            retry_later,
-        )
-    if isinstance(error, LMStudioBusyError):
-        wait = error.retry_after if error.retry_after else UNAVAILABLE_RETRY_AFTER
-        return (
-            503,
-            "upstream_busy",
-            "The upstream model server is busy; retry later.",
-            {"Retry-After": str(max(1, round(wait)))},
-        )
-    if isinstance(error, LMStudioTimeoutError):
-        return (
-            504,
-            "upstream_timeout",
-            "The upstream model server did not answer in time.",
-            {},
-        )
-    if isinstance(error, LMStudioProtocolError):
-        return 502, "upstream_invalid_response", error.message, {}
-    return 502, "upstream_error", "The upstream model server failed to answer.", {}
-
-
-def _handle_upstream_error(error: LMStudioError) -> Response:
-    status, code, message, headers = _upstream_failure(error)
-    log.warning(
-        "upstream call failed: %s (upstream status %s, attempts %d)",
-        type(error).__name__,
-        error.status,
-        error.attempts,
-        extra={"upstream_request_id": error.request_id, "error_code": code},
-    )
-    return error_response(status, code, message, headers=headers)
-
-
-def _handle_unexpected(error: Exception) -> Response:
+def describe_failure(error: BaseException) -> Failure:
+    """Map any exception to the status, code and message the client gets."""
+    if isinstance(error, APIError):
+        return error.failure
     if isinstance(error, HTTPException):
-        return _handle_http_exception(error)
-    log.exception("unhandled error while serving the request")
-    return error_response(
+        return _http_failure(error)
+    if isinstance(error, ValidationError):
+        return Failure(
+            422,
+            "validation_error",
+            "The request body is not valid.",
+            details=error.normalized_messages(),
+        )
+    if isinstance(error, LMStudioError):
+        return _upstream_failure(error)
+    return Failure(
         500,
         "internal_error",
         "The gateway failed to handle the request. Quote the correlation ID when "
@@ -197,10 +122,131 @@ def _handle_unexpected(error: Exception) -> Response:
     )
 
 
+def error_body(failure: Failure) -> dict[str, Any]:
+    """The JSON body for ``failure`` in the current route's shape."""
+    if request.path.startswith(OPENAI_PREFIX):
+        return {"error": _openai_error(failure), "correlation_id": correlation_id()}
+    error: dict[str, Any] = {"code": failure.code, "message": failure.message}
+    if failure.details is not None:
+        error["details"] = failure.details
+    return {"error": error, "correlation_id": correlation_id()}
+
+
+def error_response(failure: Failure) -> Response:
+    """Build the JSON response for ``failure``."""
+    response = jsonify(error_body(failure))
+    response.status_code = failure.status
+    response.headers.update(failure.headers)
+    return response
+
+
+def _openai_error(failure: Failure) -> dict[str, Any]:
+    param = None
+    message = failure.message
+    if failure.code == "validation_error" and isinstance(failure.details, dict):
+        param = next(iter(failure.details), None)
+        message = f"{message} {param}: {failure.details[param]}"
+    if failure.status >= 500:
+        kind = "server_error"
+    else:
+        kind = OPENAI_TYPES.get(failure.status, "invalid_request_error")
+    return {"message": message, "type": kind, "param": param, "code": failure.code}
+
+
+def _http_failure(error: HTTPException) -> Failure:
+    status = error.code or 500
+    # Keep the headers werkzeug chose (Allow for 405...).
+    headers = {
+        name: value
+        for name, value in error.get_response().headers.items()
+        if name.lower() not in {"content-type", "content-length"}
+    }
+    message = HTTP_MESSAGES.get(status) or error.description or error.name
+    if status == 429:
+        message = f"Rate limit exceeded ({error.description}). Retry later."
+    code = HTTP_CODES.get(status, error.name.lower().replace(" ", "_"))
+    return Failure(status, code, message, headers=headers)
+
+
+def _upstream_failure(error: LMStudioError) -> Failure:
+    retry_later = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
+    if isinstance(error, ModelNotFoundError):
+        return Failure(404, "model_not_found", error.message)
+    if isinstance(error, NoModelLoadedError):
+        get_upstream().forget_health()
+        return Failure(
+            503,
+            "no_model_loaded",
+            "The upstream has no model loaded: load one in LM Studio (or name a "
+            "model it can load).",
+            headers=retry_later,
+        )
+    if isinstance(error, LMStudioAuthError):
+        return Failure(
+            502,
+            "upstream_auth_failed",
+            "The upstream rejected the gateway's credentials.",
+        )
+    if isinstance(error, LMStudioRequestError):
+        status = error.status if error.status in (400, 413, 422) else 400
+        return Failure(status, "upstream_rejected_request", error.message)
+    if isinstance(error, LMStudioConnectTimeoutError):
+        return Failure(
+            504,
+            "upstream_connect_timeout",
+            "The upstream model server did not accept the connection in time.",
+            headers=retry_later,
+        )
+    if isinstance(error, LMStudioConnectionError):
+        return Failure(
+            503,
+            "upstream_unavailable",
+            "The upstream model server is not reachable.",
+            headers=retry_later,
+        )
+    if isinstance(error, LMStudioBusyError):
+        wait = error.retry_after if error.retry_after else UNAVAILABLE_RETRY_AFTER
+        return Failure(
+            503,
+            "upstream_busy",
+            "The upstream model server is busy; retry later.",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    if isinstance(error, LMStudioStreamTimeoutError):
+        return Failure(504, STREAM_TIMEOUT_CODES[error.kind], error.message)
+    if isinstance(error, LMStudioTimeoutError):
+        return Failure(
+            504, "upstream_timeout", "The upstream model server did not answer in time."
+        )
+    if isinstance(error, LMStudioStreamCutError):
+        return Failure(502, "upstream_stream_cut", error.message)
+    if isinstance(error, LMStudioStreamError):
+        return Failure(502, "upstream_stream_error", error.message)
+    if isinstance(error, LMStudioProtocolError):
+        return Failure(502, "upstream_invalid_response", error.message)
+    return Failure(502, "upstream_error", "The upstream model server failed to answer.")
+
+
+def log_failure(error: BaseException, failure: Failure) -> None:
+    """Log a failure once, at the level it deserves, without request content."""
+    if isinstance(error, LMStudioError):
+        log.warning(
+            "upstream call failed: %s (upstream status %s, attempts %d)",
+            type(error).__name__,
+            error.status,
+            error.attempts,
+            extra={"upstream_request_id": error.request_id, "error_code": failure.code},
+        )
+    elif failure.status >= 500:
+        log.error("unhandled error while serving the request", exc_info=error)
+
+
+def _handle(error: Exception) -> Response:
+    failure = describe_failure(error)
+    log_failure(error, failure)
+    return error_response(failure)
+
+
 def init_app(app: Flask) -> None:
-    """Register one handler per family of failure."""
-    app.register_error_handler(APIError, _handle_api_error)
-    app.register_error_handler(HTTPException, _handle_http_exception)
-    app.register_error_handler(ValidationError, _handle_validation_error)
-    app.register_error_handler(LMStudioError, _handle_upstream_error)
-    app.register_error_handler(Exception, _handle_unexpected)
+    """Send every exception, HTTP errors included, through :func:`_handle`."""
+    app.register_error_handler(Exception, _handle)

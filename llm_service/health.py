@@ -9,7 +9,9 @@ from flask import Blueprint, Response, current_app, jsonify, url_for
 from . import __version__
 from .errors import UNAVAILABLE_RETRY_AFTER
 from .lmstudio import HealthReport
+from .openapi import documented
 from .pipeline import correlation_id
+from .schemas import HealthSchema, IndexSchema, LiveSchema, ReadySchema
 from .upstream import get_upstream
 
 bp = Blueprint("health", __name__)
@@ -51,6 +53,7 @@ def _answer(body: dict, healthy: bool, code: str, reason: str | None) -> Respons
 
 
 @bp.get("/")
+@documented(answers={200: IndexSchema})
 def index():
     """Name the service and link to its routes."""
     return {
@@ -61,12 +64,15 @@ def index():
             "live": url_for("health.live"),
             "ready": url_for("health.ready"),
             "message": url_for("message.send_message"),
+            "docs": url_for("docs.docs"),
+            "openapi": url_for("docs.openapi_json"),
         },
         "correlation_id": correlation_id(),
     }
 
 
 @bp.get("/health")
+@documented(answers={200: HealthSchema, 503: HealthSchema})
 def health():
     """Report the service and its upstream; 503 when the upstream does not answer."""
     report = get_upstream().health()
@@ -82,6 +88,7 @@ def health():
 
 
 @bp.get("/health/live")
+@documented(answers={200: LiveSchema})
 def live():
     """Say the process serves requests; never calls the upstream."""
     return {
@@ -93,6 +100,7 @@ def live():
 
 
 @bp.get("/health/ready")
+@documented(answers={200: ReadySchema, 503: ReadySchema})
 def ready():
     """Say whether a model can answer now; 503 with the reason when not."""
     report = get_upstream().health()

@@ -21,8 +21,9 @@ EXPOSED_HEADERS = [
     "X-RateLimit-Reset",
     "Retry-After",
 ]
-#: Blueprints whose routes are never rate limited (monitoring must always work).
-UNLIMITED_BLUEPRINTS = frozenset({"health"})
+#: Blueprints whose routes are never rate limited: monitoring must always work,
+#: and the API's documentation costs nothing to serve.
+UNLIMITED_BLUEPRINTS = frozenset({"health", "docs"})
 
 
 def _per_minute_limit() -> str:

@@ -1,15 +1,24 @@
-"""Blueprint: ``POST /llm/message``, the seed's chat contract."""
+"""Blueprint: ``POST /llm/message``, the seed's chat contract (also streamed)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 
-from .lmstudio import LMStudioConnectionError, NoModelLoadedError
+from .lmstudio import (
+    LMStudioConnectionError,
+    LMStudioProtocolError,
+    NoModelLoadedError,
+    SSEEvent,
+    Usage,
+    parse_usage,
+)
+from .openapi import UPSTREAM_ERRORS, documented
 from .pipeline import correlation_id
 from .schemas import MessageRequestSchema, MessageResponseSchema, load_json_body
+from .streaming import event_stream_response, open_upstream_stream, relay, sse
 from .upstream import get_upstream
 
 bp = Blueprint("message", __name__, url_prefix="/llm")
@@ -41,23 +50,106 @@ def chat_payload(data: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-@bp.post("/message")
-def send_message():
-    """Send a conversation to the model and return its answer."""
-    started = time.perf_counter()
-    payload = chat_payload(load_json_body(request_schema))
-    result = get_upstream().client.chat_completion(
-        payload, correlation_id=correlation_id()
-    )
-    usage = result.usage
+def answer(
+    text: str,
+    model: str,
+    finish_reason: str | None,
+    usage: Usage | None,
+    started: float,
+) -> dict[str, Any]:
+    """The answer's fields, streamed or not; unknown token counts stay null."""
     return response_schema.dump(
         {
-            "response": result.text,
-            "model": result.model,
+            "response": text,
+            "model": model,
             "tokens_used": usage.total if usage else None,
             "processing_time": round(time.perf_counter() - started, 4),
             "correlation_id": correlation_id(),
-            "finish_reason": result.finish_reason,
+            "finish_reason": finish_reason,
             "usage": vars(usage) if usage else None,
         }
+    )
+
+
+@bp.post("/message")
+@documented(
+    body=MessageRequestSchema,
+    answers={
+        200: {"application/json": MessageResponseSchema, "text/event-stream": None}
+    },
+    errors=(*UPSTREAM_ERRORS, "upstream_first_token_timeout"),
+)
+def send_message():
+    """Send a conversation to the model and return its answer."""
+    started = time.perf_counter()
+    data = load_json_body(request_schema)
+    streamed = data.pop("stream", False)
+    payload = chat_payload(data)
+    if streamed:
+        return stream_message(payload, started)
+    result = get_upstream().client.chat_completion(
+        payload, correlation_id=correlation_id()
+    )
+    return answer(
+        result.text, result.model, result.finish_reason, result.usage, started
+    )
+
+
+class MessageStream:
+    """Renders upstream chunks as ``delta`` events, then one ``done`` event."""
+
+    def __init__(self, model: str, started: float) -> None:
+        self.model = model
+        self.started = started
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def render(self, event: SSEEvent) -> bytes:
+        try:
+            chunk = event.json()
+        except ValueError as err:
+            raise LMStudioProtocolError(
+                "The upstream sent a chunk that is not JSON."
+            ) from err
+        if not isinstance(chunk, dict):
+            raise LMStudioProtocolError(
+                "The upstream sent a chunk that is not an object."
+            )
+        self.model = chunk.get("model") or self.model
+        self.usage = parse_usage(chunk.get("usage")) or self.usage
+        choices = chunk.get("choices") or []
+        if not choices or not isinstance(choices[0], dict):
+            return b""
+        choice = choices[0]
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        content = (choice.get("delta") or {}).get("content")
+        if not content:
+            return b""
+        self.parts.append(content)
+        return sse({"content": content}, event="delta")
+
+    def finish(self) -> bytes:
+        fields = answer(
+            "".join(self.parts),
+            self.model,
+            self.finish_reason,
+            self.usage,
+            self.started,
+        )
+        return sse(fields, event="done")
+
+
+def stream_message(payload: dict[str, Any], started: float) -> Response:
+    """Answer with ``text/event-stream``: ``delta`` events, then ``done``."""
+    payload = {**payload, "stream_options": {"include_usage": True}}
+    upstream = open_upstream_stream("/v1/chat/completions", payload)
+    rendering = MessageStream(payload["model"], started)
+    return event_stream_response(
+        relay(
+            upstream,
+            rendering.render,
+            rendering.finish,
+            lambda body: sse(body, event="error"),
+        )
     )

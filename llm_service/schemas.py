@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import current_app, request
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from .errors import APIError
@@ -25,6 +25,22 @@ class StopField(fields.Field):
     default_error_messages = {
         "invalid": "Must be a string or a list of up to 4 non-empty strings."
     }
+    #: The same rule in OpenAPI terms (apispec copies it from the metadata).
+    OPENAPI = {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1},
+                "minItems": 1,
+                "maxItems": MAX_STOP_SEQUENCES,
+            },
+        ]
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["metadata"] = {**self.OPENAPI, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str) and value:
@@ -69,6 +85,9 @@ class MessageRequestSchema(Schema):
     presence_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
     frequency_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
     repeat_penalty = fields.Float(validate=validate.Range(min=0.0, max=5.0))
+    stream = fields.Boolean(
+        metadata={"description": "Answer with server-sent events (see README)."}
+    )
 
     @validates("max_tokens")
     def _within_configured_limit(self, value: int, **_kwargs: Any) -> None:
@@ -99,6 +118,90 @@ class MessageResponseSchema(Schema):
     correlation_id = fields.String(required=True)
     finish_reason = fields.String(allow_none=True)
     usage = fields.Nested(UsageSchema, allow_none=True)
+
+
+class ErrorDetailSchema(Schema):
+    """The ``error`` member of the error contract."""
+
+    code = fields.String(
+        required=True,
+        metadata={"description": "Stable, machine-readable code (see the README)."},
+    )
+    message = fields.String(required=True, metadata={"description": "For humans."})
+    details = fields.Dict(
+        metadata={"description": "For `validation_error`: the messages per field."}
+    )
+
+
+class ErrorResponseSchema(Schema):
+    """Body of every error answer: the error contract."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
+    correlation_id = fields.String(required=True)
+
+
+class IndexSchema(Schema):
+    """Answer of ``GET /``: the service and links to its routes."""
+
+    service = fields.String(required=True)
+    version = fields.String(required=True)
+    links = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    correlation_id = fields.String(required=True)
+
+
+class UpstreamHealthSchema(Schema):
+    """What the last probe of the upstream found."""
+
+    url = fields.String(required=True)
+    reachable = fields.Boolean(required=True)
+    latency_ms = fields.Float(required=True)
+    server = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "`lmstudio` or `openai-compatible`; null if down."},
+    )
+    models = fields.List(fields.String(), required=True)
+    loaded_models = fields.List(
+        fields.String(),
+        required=True,
+        allow_none=True,
+        metadata={"description": "Null when the server cannot tell (llama.cpp)."},
+    )
+    error = fields.String(required=True, allow_none=True)
+
+
+class HealthSchema(Schema):
+    """Answer of ``GET /health``; a 503 adds ``error``."""
+
+    status = fields.String(
+        required=True, validate=validate.OneOf(("ok", "unavailable"))
+    )
+    service = fields.String(required=True)
+    version = fields.String(required=True)
+    uptime_seconds = fields.Float(required=True)
+    lm_studio = fields.Nested(UpstreamHealthSchema, required=True)
+    correlation_id = fields.String(required=True)
+    error = fields.Nested(ErrorDetailSchema)
+
+
+class LiveSchema(Schema):
+    """Answer of ``GET /health/live``."""
+
+    status = fields.String(required=True, validate=validate.Equal("alive"))
+    version = fields.String(required=True)
+    uptime_seconds = fields.Float(required=True)
+    correlation_id = fields.String(required=True)
+
+
+class ReadySchema(Schema):
+    """Answer of ``GET /health/ready``; a 503 adds ``error``."""
+
+    status = fields.String(
+        required=True, validate=validate.OneOf(("ready", "not_ready"))
+    )
+    models = fields.List(fields.String(), required=True)
+    correlation_id = fields.String(required=True)
+    error = fields.Nested(ErrorDetailSchema)
 
 
 def load_json_body(schema: Schema) -> dict[str, Any]:
@@ -134,3 +237,104 @@ def _refuse_oversize_stream() -> None:
     at_limit = len(request.get_data(cache=True)) >= limit
     if at_limit and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
+
+
+# -- OpenAI-compatible /v1 bodies ----------------------------------------------
+# The gateway checks what it must understand (model, messages, numeric ranges,
+# stream, limits) and passes every other field through to the upstream untouched
+# (tools, response_format, ttl, ...): unknown fields are INCLUDEd, not rejected.
+
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ContentField(fields.Field):
+    """A message's ``content``: a string, a list of parts, or null."""
+
+    default_error_messages = {"invalid": "Must be a string, a list of parts, or null."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if value is None or isinstance(value, str | list):
+            return value
+        raise self.make_error("invalid")
+
+
+class OpenAIMessageSchema(Schema):
+    """One chat message; extra keys (tool_calls, name, ...) pass through."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    role = fields.String(required=True, validate=validate.OneOf(OPENAI_ROLES))
+    content = ContentField(allow_none=True)
+
+
+class OpenAIRequestSchema(Schema):
+    """Fields shared by the /v1 generation requests."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(validate=validate.Length(min=1, max=MAX_MODEL_NAME))
+    temperature = fields.Float(allow_none=True, validate=validate.Range(min=0, max=2))
+    top_p = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1))
+    max_tokens = fields.Integer(
+        strict=True, allow_none=True, validate=validate.Range(min=1)
+    )
+    max_completion_tokens = fields.Integer(
+        strict=True, allow_none=True, validate=validate.Range(min=1)
+    )
+    stream = fields.Boolean(allow_none=True)
+    stream_options = fields.Dict(allow_none=True)
+    stop = StopField(allow_none=True)
+    presence_penalty = fields.Float(
+        allow_none=True, validate=validate.Range(min=-2, max=2)
+    )
+    frequency_penalty = fields.Float(
+        allow_none=True, validate=validate.Range(min=-2, max=2)
+    )
+    n = fields.Integer(
+        strict=True, allow_none=True, validate=validate.Range(min=1, max=1)
+    )
+
+    @validates("max_tokens", "max_completion_tokens")
+    def _within_configured_limit(self, value: int | None, **_kwargs: Any) -> None:
+        limit = current_app.config["MAX_MAX_TOKENS"]
+        if value is not None and value > limit:
+            raise ValidationError(f"Must be at most {limit} (the gateway's limit).")
+
+
+class ChatCompletionRequestSchema(OpenAIRequestSchema):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages = fields.List(
+        fields.Nested(OpenAIMessageSchema),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_MESSAGES),
+    )
+
+
+class PromptField(fields.Field):
+    """``prompt``/``input``: a non-empty string or a non-empty list."""
+
+    default_error_messages = {"invalid": "Must be a non-empty string or list."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if (isinstance(value, str) and value) or (isinstance(value, list) and value):
+            return value
+        raise self.make_error("invalid")
+
+
+class CompletionRequestSchema(OpenAIRequestSchema):
+    """Body of ``POST /v1/completions``."""
+
+    prompt = PromptField(required=True)
+
+
+class EmbeddingRequestSchema(Schema):
+    """Body of ``POST /v1/embeddings``."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(validate=validate.Length(min=1, max=MAX_MODEL_NAME))
+    input = PromptField(required=True)

@@ -3,20 +3,33 @@
 It knows HTTP and LM Studio and nothing of Flask, so it can be used alone.
 """
 
-from .client import ChatResult, HealthReport, LMStudioClient, Usage, describe
+from .client import (
+    ChatResult,
+    HealthReport,
+    LMStudioClient,
+    Usage,
+    describe,
+    parse_usage,
+)
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
+    LMStudioConnectTimeoutError,
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioServerError,
     LMStudioStatusError,
+    LMStudioStreamCutError,
+    LMStudioStreamError,
+    LMStudioStreamTimeoutError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
 )
+from .sse import SSEEvent
+from .stream import UpstreamStream
 
 __all__ = [
     "ChatResult",
@@ -24,15 +37,22 @@ __all__ = [
     "LMStudioAuthError",
     "LMStudioBusyError",
     "LMStudioClient",
+    "LMStudioConnectTimeoutError",
     "LMStudioConnectionError",
     "LMStudioError",
     "LMStudioProtocolError",
     "LMStudioRequestError",
     "LMStudioServerError",
     "LMStudioStatusError",
+    "LMStudioStreamCutError",
+    "LMStudioStreamError",
+    "LMStudioStreamTimeoutError",
     "LMStudioTimeoutError",
     "ModelNotFoundError",
     "NoModelLoadedError",
+    "SSEEvent",
+    "UpstreamStream",
     "Usage",
     "describe",
+    "parse_usage",
 ]

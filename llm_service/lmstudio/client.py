@@ -19,6 +19,7 @@ from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
+    LMStudioConnectTimeoutError,
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
@@ -28,6 +29,7 @@ from .errors import (
     ModelNotFoundError,
     NoModelLoadedError,
 )
+from .stream import UpstreamStream
 
 log = logging.getLogger("llm_service.lmstudio")
 
@@ -185,17 +187,22 @@ class LMStudioClient:
         self.session.headers["Accept"] = "application/json"
         if api_token:
             self.session.headers["Authorization"] = f"Bearer {api_token}"
-        self._call_with_retries = backoff.on_exception(
+        self._call_with_retries = self._with_retries(self._attempt, retries)
+        self._open_with_retries = self._with_retries(self._attempt_stream, retries)
+
+    def _with_retries(self, attempt: Callable, retries: int) -> Callable:
+        """Wrap ``attempt`` in the one retry layer: retryable errors only."""
+        return backoff.on_exception(
             _retry_waits,
             LMStudioError,
             max_tries=retries + 1,
-            max_time=retry_budget,
+            max_time=self.retry_budget,
             giveup=lambda error: not _is_retryable(error),
             jitter=None,
             on_backoff=self._log_retry,
             on_giveup=self._record_attempts,
             logger=None,
-        )(self._attempt)
+        )(attempt)
 
     def close(self) -> None:
         """Close pooled connections."""
@@ -227,8 +234,49 @@ class LMStudioClient:
             text=text,
             model=str(body.get("model") or payload.get("model") or ""),
             finish_reason=choice.get("finish_reason"),
-            usage=self._usage(body.get("usage")),
+            usage=parse_usage(body.get("usage")),
             request_id=request_id,
+        )
+
+    def post_json(
+        self, path: str, payload: Any, *, correlation_id: str | None = None
+    ) -> Any:
+        """POST ``payload`` to ``path`` (with retries); return the JSON answer."""
+        body, _ = self._call("POST", path, json=payload, correlation_id=correlation_id)
+        return body
+
+    def get_json(self, path: str, *, correlation_id: str | None = None) -> Any:
+        """GET ``path`` (with retries); return the JSON answer."""
+        body, _ = self._call("GET", path, correlation_id=correlation_id)
+        return body
+
+    def open_stream(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        first_token_timeout: float = 120.0,
+        idle_timeout: float = 60.0,
+        total_timeout: float = 600.0,
+    ) -> UpstreamStream:
+        """Start a streamed completion; retried only until the upstream accepts it.
+
+        Once this returns, nothing is retried: the caller may already have sent
+        bytes to its own client.
+        """
+        response = self._open_with_retries(
+            path,
+            {**payload, "stream": True},
+            correlation_id=correlation_id,
+            first_token_timeout=first_token_timeout,
+            deadline=time.monotonic() + self.retry_budget,
+        )
+        return UpstreamStream(
+            response,
+            first_token_timeout=first_token_timeout,
+            idle_timeout=idle_timeout,
+            total_timeout=total_timeout,
         )
 
     def list_models(self, *, correlation_id: str | None = None) -> list[str]:
@@ -318,13 +366,70 @@ class LMStudioClient:
         timeout: float | None = None,
         deadline: float | None = None,
     ) -> tuple[Any, str | None]:
-        """Send one request and return ``(json_body, upstream_request_id)``.
+        """Send one request and return ``(json_body, upstream_request_id)``."""
+        response = self._send(
+            method,
+            path,
+            json=json,
+            correlation_id=correlation_id,
+            connect_timeout=timeout or self.connect_timeout,
+            read_timeout=timeout or self.read_timeout,
+            deadline=deadline,
+        )
+        return self._parse(response)
 
-        Translates every ``requests`` failure and every error answer into the
-        client's exception tree; this is the only place that does.
+    def _attempt_stream(
+        self,
+        path: str,
+        payload: Any,
+        *,
+        correlation_id: str | None,
+        first_token_timeout: float,
+        deadline: float,
+    ) -> requests.Response:
+        """Open one stream; return the response once it is a 200 event stream."""
+        response = self._send(
+            "POST",
+            path,
+            json=payload,
+            correlation_id=correlation_id,
+            connect_timeout=self.connect_timeout,
+            # Some servers send their headers only with the first token.
+            read_timeout=first_token_timeout,
+            deadline=deadline,
+            stream=True,
+        )
+        content_type = response.headers.get("Content-Type", "")
+        if response.status_code == 200 and content_type.startswith("text/event-stream"):
+            return response
+        try:
+            # An error status, or LM Studio's 200 with an error body: raises.
+            self._parse(response)
+        finally:
+            response.close()
+        raise LMStudioProtocolError(
+            "The upstream answered a streaming request without an event stream.",
+            status=response.status_code,
+        )
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        correlation_id: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        deadline: float | None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """Send one request; translate every ``requests`` failure.
+
+        This and :meth:`_status_error` are the only places that turn transport
+        failures and error answers into the client's exception tree.
         """
-        connect = timeout or self.connect_timeout
-        read = timeout or self.read_timeout
+        connect, read = connect_timeout, read_timeout
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -336,15 +441,19 @@ class LMStudioClient:
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
             headers["X-Request-ID"] = correlation_id
-        url = self.base_url + path
         try:
             response = self.session.request(
-                method, url, json=json, headers=headers, timeout=(connect, read)
+                method,
+                self.base_url + path,
+                json=json,
+                headers=headers,
+                timeout=(connect, read),
+                stream=stream,
             )
         except requests.ConnectTimeout as err:
             self._observe(None)
-            raise LMStudioConnectionError(
-                "Timed out connecting to the upstream."
+            raise LMStudioConnectTimeoutError(
+                f"Timed out connecting to the upstream after {connect:g} s."
             ) from err
         except requests.ReadTimeout as err:
             self._observe(None)
@@ -364,7 +473,7 @@ class LMStudioClient:
                 "The upstream's answer was not valid HTTP."
             ) from err
         self._observe(response.status_code)
-        return self._parse(response)
+        return response
 
     def _parse(self, response: requests.Response) -> tuple[Any, str | None]:
         status = response.status_code
@@ -457,19 +566,18 @@ class LMStudioClient:
             raise LMStudioProtocolError("/v1/models answered without a data list.")
         return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
 
-    @staticmethod
-    def _usage(raw: Any) -> Usage | None:
-        """Parse ``usage``; missing, malformed or all-zero counts mean unknown."""
-        if not isinstance(raw, dict):
-            return None
-        counts = [
-            raw.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-        ]
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            return None
-        if not any(counts):
-            return None
-        return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
+
+def parse_usage(raw: Any) -> Usage | None:
+    """Parse an OpenAI ``usage`` object; missing, malformed or all-zero: unknown."""
+    if not isinstance(raw, dict):
+        return None
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    counts = [raw.get(key) for key in keys]
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return None
+    if not any(counts):
+        return None
+    return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
 
 
 def describe(error: LMStudioError) -> str:

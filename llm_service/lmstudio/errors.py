@@ -44,6 +44,10 @@ class LMStudioConnectionError(LMStudioError):
     retryable = True
 
 
+class LMStudioConnectTimeoutError(LMStudioConnectionError):
+    """The upstream did not accept the connection in time. Safe to retry."""
+
+
 class LMStudioTimeoutError(LMStudioError):
     """The upstream accepted the request but did not answer in time.
 
@@ -87,3 +91,23 @@ class LMStudioServerError(LMStudioStatusError):
 
 class LMStudioBusyError(LMStudioServerError):
     """The upstream is overloaded or starting (429, 503). Retried after a wait."""
+
+
+class LMStudioStreamError(LMStudioError):
+    """The upstream reported an error inside a stream it had started."""
+
+
+class LMStudioStreamCutError(LMStudioStreamError):
+    """The upstream's stream ended (or broke) before it said it was done."""
+
+
+class LMStudioStreamTimeoutError(LMStudioTimeoutError):
+    """A stream went quiet for too long.
+
+    ``kind`` says which limit: ``"first_token"`` (nothing after the request),
+    ``"idle"`` (silence between chunks) or ``"total"`` (the whole stream).
+    """
+
+    def __init__(self, message: str, *, kind: str, **details) -> None:
+        super().__init__(message, **details)
+        self.kind = kind

@@ -710,8 +710,12 @@ def test_runs_as_a_script_until_interrupted():
         text=True,
     )
     try:
-        line = process.stderr.readline()
-        url = line.split("listening on ")[1].split()[0]
+        # Skip anything printed before the address (a warning on a busy machine).
+        lines = [process.stderr.readline() for _ in range(1)]
+        while "listening on " not in lines[-1] and len(lines) < 20 and lines[-1]:
+            lines.append(process.stderr.readline())
+        assert "listening on " in lines[-1], lines
+        url = lines[-1].split("listening on ")[1].split()[0]
         response = requests.get(url + "/lmstudio-greeting", timeout=5)
         assert response.json() == {"lmstudio": True}
         process.send_signal(signal.SIGINT)

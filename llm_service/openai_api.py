@@ -1,0 +1,89 @@
+"""Blueprint: the OpenAI-compatible ``/v1`` API, relayed to the upstream.
+
+A drop-in ``base_url`` for OpenAI SDKs: the gateway validates what it must
+understand, passes the rest through, and adds its pipeline (correlation IDs,
+limits, retries before the first byte, logs, the OpenAI error shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app
+
+from .message import resolve_model
+from .pipeline import correlation_id
+from .schemas import (
+    ChatCompletionRequestSchema,
+    CompletionRequestSchema,
+    EmbeddingRequestSchema,
+    load_json_body,
+)
+from .streaming import event_stream_response, open_upstream_stream, relay, sse
+from .upstream import get_upstream
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+chat_schema = ChatCompletionRequestSchema()
+completion_schema = CompletionRequestSchema()
+embedding_schema = EmbeddingRequestSchema()
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _generation_payload(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the model and a bounded ``max_tokens``; drop nulls the SDK sends."""
+    payload = {key: value for key, value in data.items() if value is not None}
+    payload["model"] = resolve_model(payload.get("model"))
+    if "max_tokens" not in payload and "max_completion_tokens" not in payload:
+        payload["max_tokens"] = current_app.config["DEFAULT_MAX_TOKENS"]
+    return payload
+
+
+def _relay_or_answer(path: str, payload: dict[str, Any]):
+    if payload.get("stream"):
+        upstream = open_upstream_stream(path, payload)
+        return event_stream_response(
+            relay(
+                upstream,
+                # The upstream's own bytes go out as they are: no re-encoding.
+                lambda event: b"data: " + event.data.encode() + b"\n\n",
+                lambda: DONE,
+                sse,
+            )
+        )
+    return get_upstream().client.post_json(
+        path, payload, correlation_id=correlation_id()
+    )
+
+
+@bp.get("/models")
+def list_models():
+    """List the upstream's models (OpenAI ``list`` object)."""
+    return get_upstream().client.get_json("/v1/models", correlation_id=correlation_id())
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    """Create a chat completion; ``"stream": true`` relays server-sent events."""
+    payload = _generation_payload(load_json_body(chat_schema))
+    return _relay_or_answer("/v1/chat/completions", payload)
+
+
+@bp.post("/completions")
+def completions():
+    """Create a text completion; ``"stream": true`` relays server-sent events."""
+    payload = _generation_payload(load_json_body(completion_schema))
+    return _relay_or_answer("/v1/completions", payload)
+
+
+@bp.post("/embeddings")
+def embeddings():
+    """Create embeddings."""
+    data = load_json_body(embedding_schema)
+    # No model resolution here: the loaded chat model cannot embed; the upstream
+    # picks its embedding model when none is named.
+    payload = {key: value for key, value in data.items() if value is not None}
+    return get_upstream().client.post_json(
+        "/v1/embeddings", payload, correlation_id=correlation_id()
+    )

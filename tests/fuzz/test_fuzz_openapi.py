@@ -1,0 +1,92 @@
+"""Fuzz the gateway with cases generated from its own ``/openapi.json``.
+
+schemathesis (its CLI, the stable interface of 4.x) sends valid and invalid
+requests to every operation of the real gateway under gunicorn, in front of the
+fake LM Studio: boundary values from the coverage phase, then random ones.
+Every answer must keep the document's promises: no 500, and a status, content
+type, headers and body that the operation documents.
+
+``FUZZ_MAX_EXAMPLES`` (cases per operation and phase) and ``FUZZ_SEED`` change
+the budget and the cases; ``make fuzz`` runs a longer, randomly seeded fuzz.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.lmstudio import FakeLMStudio
+from tests.servers import GatewayServer
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+)
+#: The normal run's floor; fewer cases would mean the document lost operations
+#: or schemathesis could not generate for them.
+MIN_CASES = 1000
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "60"))
+# A fixed seed keeps the normal run reproducible; `make fuzz` picks a new one.
+SEED = os.environ.get("FUZZ_SEED", "6")
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    """The gateway in front of a healthy fake, with a limit fuzzing cannot hit."""
+    with FakeLMStudio() as fake:
+        settings = {
+            "LM_STUDIO_URL": fake.url,
+            "LM_STUDIO_TIMEOUT": 5,
+            "LM_STUDIO_RETRY_BUDGET": 10,
+            "HEALTH_CACHE_SECONDS": 0,
+            "RATE_LIMIT_REQUESTS": 10_000_000,
+        }
+        with GatewayServer(settings) as server:
+            yield server
+
+
+def run_schemathesis(url: str, report: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``schemathesis run`` on ``url`` with the checks; report as JSON."""
+    command = [
+        *(sys.executable, "-m", "schemathesis.cli"),
+        *("--config-file", str(CONFIG), "--no-color", "run", f"{url}/openapi.json"),
+        *("--checks", ",".join(CHECKS)),
+        *("--max-examples", str(MAX_EXAMPLES)),
+        *("--workers", "2", "--request-timeout", "15"),
+        *("--report", "json", "--report-json-path", str(report)),
+    ]
+    if SEED:
+        command += ["--seed", SEED]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=1800, check=False
+    )
+
+
+def test_every_answer_keeps_the_documents_promises(gateway, tmp_path):
+    report_path = tmp_path / "schemathesis.json"
+    result = run_schemathesis(gateway.url, report_path)
+    output = f"{result.stdout}\n{result.stderr}"
+    assert report_path.exists(), f"schemathesis did not run:\n{output}"
+    report = json.loads(report_path.read_text())
+    cases = report["test_cases"]
+    print(
+        f"schemathesis: {cases['generated']} cases, seed {report['seed']}, "
+        f"{report['running_time']:.0f} s"
+    )
+
+    assert result.returncode == 0, f"schemathesis found failures:\n{output}"
+    assert report["failures"] == [] and report["errors"] == [], output
+    operations = report["operations"]
+    assert operations["tested"] == operations["selected"] > 0, output
+    assert cases["generated"] >= MIN_CASES, output
