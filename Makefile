@@ -29,9 +29,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
-run: $(STAMP) ## serve on http://$(HOST):$(PORT) with gunicorn
-	@echo ">> llm-service on http://$(HOST):$(PORT) (Ctrl-C to stop)"
-	@GUNICORN_BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+run: $(STAMP) ## serve on http://$(HOST):$(PORT) (starts a local model server if none answers)
+	@GUNICORN_BIND=$(HOST):$(PORT) $(PY) scripts/run_gateway.py
+
+local-llm: $(STAMP) ## run the bundled llama.cpp model server on 127.0.0.1:1234 (foreground)
+	@$(PY) -m llm_service.local_backend --port $(or $(LLM_PORT),1234)
 
 run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \

@@ -311,6 +311,13 @@ SETTINGS: tuple[Setting, ...] = (
         "any by default. Others get 400.",
     ),
     Setting(
+        "LOCAL_BACKEND",
+        "auto",
+        _choice("auto", "off"),
+        "`make run` only: start the bundled llama.cpp model server when nothing "
+        "answers at a loopback upstream URL (`auto`), or never (`off`).",
+    ),
+    Setting(
         "TRUSTED_PROXIES",
         0,
         _integer(0, 10),
