@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run run-dev test test-unit test-integration test-live test-real \
-	test-cov test-connection test-api lint format clean lock local-llm
+	test-cov test-connection test-api lint format clean lock local-llm system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -39,8 +39,11 @@ run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
 		$(BIN)/flask run --host $(HOST) --port $(PORT) --reload
 
-test: $(STAMP) ## every test: unit, integration and live
+test: $(STAMP) system-packages ## every test: unit, integration, browser, fuzz and live
 	@$(BIN)/pytest tests $(PYTEST_ARGS)
+
+system-packages: ## install the Debian packages the tests need (Chromium, Redis)
+	@bash scripts/install-system-packages.sh
 
 test-unit: $(STAMP) ## unit tests (upstream mocked with responses)
 	@$(BIN)/pytest tests/unit $(PYTEST_ARGS)

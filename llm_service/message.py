@@ -33,12 +33,14 @@ def resolve_model(requested: str | None) -> str:
         return requested
     if current_app.config["DEFAULT_MODEL"]:
         return current_app.config["DEFAULT_MODEL"]
-    report = get_upstream().health()
+    upstream = get_upstream()
+    models = upstream.servable_models()
+    if models:
+        return models[0]
+    report = upstream.health()
     if not report.reachable:
         raise LMStudioConnectionError(f"Upstream not reachable: {report.error}")
-    if not report.servable_models:
-        raise NoModelLoadedError("The upstream lists no model that can answer.")
-    return report.servable_models[0]
+    raise NoModelLoadedError("The upstream lists no model that can answer.")
 
 
 def chat_payload(data: dict[str, Any]) -> dict[str, Any]:

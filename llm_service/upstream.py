@@ -26,6 +26,7 @@ class Upstream:
         self._lock = threading.Lock()
         self._report: HealthReport | None = None
         self._probed_at = 0.0
+        self._last_models: list[str] = []
 
     def health(self) -> HealthReport:
         """Return a probe no older than ``cache_seconds``; one probe at a time."""
@@ -34,7 +35,22 @@ class Upstream:
             if self._report is None or not fresh:
                 self._report = self.client.probe()
                 self._probed_at = time.monotonic()
+                if self._report.reachable:
+                    self._last_models = self._report.servable_models
             return self._report
+
+    def servable_models(self) -> list[str]:
+        """Models that can answer, from a fresh probe or else the last good one.
+
+        A probe can fail while the upstream is fine: llama.cpp's server answers
+        ``/v1/models`` only between generations. The request itself then tells
+        whether the upstream is really down.
+        """
+        report = self.health()
+        if report.reachable:
+            return report.servable_models
+        with self._lock:
+            return list(self._last_models)
 
     def forget_health(self) -> None:
         """Drop the cached probe (after the upstream said no model is loaded)."""

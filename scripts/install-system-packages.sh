@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs that pip cannot provide.
 #
-# Today that is Chromium, for the browser test of /docs (tests/browser). The
+# Chromium, for the browser test of /docs (tests/browser), and Redis, for the
+# shared rate-limit test (tests/integration/test_redis_limits.py). The
 # script is idempotent: it runs `apt-get update` and `apt-get install` only when
 # a package is missing, says what it does, and uses sudo only when not root.
 set -euo pipefail
@@ -9,6 +10,7 @@ set -euo pipefail
 # package name -> a file that proves it is installed
 declare -A PACKAGES=(
     [chromium]=/usr/bin/chromium
+    [redis-server]=/usr/bin/redis-server
 )
 
 say() { printf '>> %s\n' "$*"; }

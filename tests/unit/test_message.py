@@ -1,6 +1,7 @@
 """POST /llm/message: validation, the upstream payload, the answer."""
 
 import pytest
+import requests
 from responses import matchers
 
 from tests.conftest import UPSTREAM
@@ -218,3 +219,18 @@ def test_bad_bodies(client, data, content_type, status, code):
     assert response.status_code == status
     assert response.json["error"]["code"] == code
     assert response.json["correlation_id"]
+
+
+def test_failed_probe_falls_back_to_the_last_known_model(client, upstream):
+    """llama.cpp answers /v1/models only between generations: a busy upstream."""
+    upstream.get(MODELS, json={"data": [{"id": "gemma"}]})
+    upstream.get(f"{UPSTREAM}/lmstudio-greeting", status=404)
+    upstream.post(CHAT, json=completion(model="gemma"))
+    assert client.post("/llm/message", json={"messages": HELLO}).status_code == 200
+    upstream.replace("GET", MODELS, body=requests.ReadTimeout("busy generating"))
+    upstream.post(
+        CHAT,
+        json=completion(model="gemma"),
+        match=[matchers.json_params_matcher({"model": "gemma"}, strict_match=False)],
+    )
+    assert client.post("/llm/message", json={"messages": HELLO}).status_code == 200
