@@ -79,3 +79,26 @@ lock: $(STAMP) ## re-pin requirements*.txt from requirements*.in
 clean: ## remove caches and build output (keeps .venv)
 	@rm -rf build dist *.egg-info .pytest_cache .ruff_cache .coverage htmlcov .tox
 	@find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+.PHONY: fuzz
+FUZZ_MAX_EXAMPLES ?= 500
+
+fuzz: $(STAMP) ## long schemathesis run on a new seed (FUZZ_MAX_EXAMPLES=500)
+	@FUZZ_MAX_EXAMPLES=$(FUZZ_MAX_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/pytest tests/fuzz -s --timeout 3600 $(PYTEST_ARGS)
+
+.PHONY: bench bench-smoke
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, bare Flask, LiteLLM (~15 min)
+	@bash bench/install-tools.sh
+	@$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-smoke: $(STAMP) $(BENCH_STAMP) ## quick benchmark, no LiteLLM (~1 min; CI)
+	@bash bench/install-tools.sh
+	@$(PY) -m bench.run --smoke $(BENCH_ARGS)

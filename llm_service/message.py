@@ -15,7 +15,7 @@ from .lmstudio import (
     Usage,
     parse_usage,
 )
-from .openapi import UPSTREAM_ERRORS, documented
+from .openapi import STREAMED_ERRORS, documented
 from .pipeline import correlation_id
 from .schemas import MessageRequestSchema, MessageResponseSchema, load_json_body
 from .streaming import event_stream_response, open_upstream_stream, relay, sse
@@ -79,7 +79,7 @@ def answer(
     answers={
         200: {"application/json": MessageResponseSchema, "text/event-stream": None}
     },
-    errors=(*UPSTREAM_ERRORS, "upstream_first_token_timeout"),
+    errors=STREAMED_ERRORS,
 )
 def send_message():
     """Send a conversation to the model and return its answer."""

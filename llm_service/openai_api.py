@@ -12,11 +12,13 @@ from typing import Any
 from flask import Blueprint, current_app
 
 from .message import resolve_model
+from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
 from .pipeline import correlation_id
 from .schemas import (
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
     EmbeddingRequestSchema,
+    OpenAIErrorResponseSchema,
     load_json_body,
 )
 from .streaming import event_stream_response, open_upstream_stream, relay, sse
@@ -29,6 +31,9 @@ completion_schema = CompletionRequestSchema()
 embedding_schema = EmbeddingRequestSchema()
 
 DONE = b"data: [DONE]\n\n"
+#: What the upstream answers is relayed as it is: OpenAI's objects, or its events.
+RELAYED = {"application/json": {"type": "object"}}
+STREAMED = {**RELAYED, "text/event-stream": None}
 
 
 def _generation_payload(data: dict[str, Any]) -> dict[str, Any]:
@@ -58,12 +63,23 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
 
 
 @bp.get("/models")
+@documented(
+    answers={200: RELAYED},
+    errors=UPSTREAM_FAILURES,
+    error_schema=OpenAIErrorResponseSchema,
+)
 def list_models():
     """List the upstream's models (OpenAI ``list`` object)."""
     return get_upstream().client.get_json("/v1/models", correlation_id=correlation_id())
 
 
 @bp.post("/chat/completions")
+@documented(
+    body=ChatCompletionRequestSchema,
+    answers={200: STREAMED},
+    errors=STREAMED_ERRORS,
+    error_schema=OpenAIErrorResponseSchema,
+)
 def chat_completions():
     """Create a chat completion; ``"stream": true`` relays server-sent events."""
     payload = _generation_payload(load_json_body(chat_schema))
@@ -71,6 +87,12 @@ def chat_completions():
 
 
 @bp.post("/completions")
+@documented(
+    body=CompletionRequestSchema,
+    answers={200: STREAMED},
+    errors=STREAMED_ERRORS,
+    error_schema=OpenAIErrorResponseSchema,
+)
 def completions():
     """Create a text completion; ``"stream": true`` relays server-sent events."""
     payload = _generation_payload(load_json_body(completion_schema))
@@ -78,6 +100,12 @@ def completions():
 
 
 @bp.post("/embeddings")
+@documented(
+    body=EmbeddingRequestSchema,
+    answers={200: RELAYED},
+    errors=UPSTREAM_ERRORS,
+    error_schema=OpenAIErrorResponseSchema,
+)
 def embeddings():
     """Create embeddings."""
     data = load_json_body(embedding_schema)

@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, Response, abort, current_app, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    send_from_directory,
+    url_for,
+)
 from swagger_ui_bundle import swagger_ui_path
 
 from . import __version__
@@ -76,18 +84,24 @@ BODY_ERRORS = (
     "unsupported_media_type",
     "validation_error",
 )
-#: What a route that calls the model server can answer about it.
-UPSTREAM_ERRORS = (
-    "model_not_found",
-    "upstream_rejected_request",
+#: What a route that calls the model server can answer when the server fails.
+UPSTREAM_FAILURES = (
     "upstream_error",
     "upstream_invalid_response",
     "upstream_auth_failed",
     "upstream_unavailable",
     "upstream_busy",
-    "no_model_loaded",
     "upstream_timeout",
 )
+#: ... and when it cannot serve what the request asks for.
+UPSTREAM_ERRORS = (
+    "model_not_found",
+    "upstream_rejected_request",
+    "no_model_loaded",
+    *UPSTREAM_FAILURES,
+)
+#: ... and when it streams its answer.
+STREAMED_ERRORS = (*UPSTREAM_ERRORS, "upstream_first_token_timeout")
 
 _VALID_CORRELATION_ID = "^[A-Za-z0-9._:-]{1,128}$"
 HEADERS = {
@@ -140,8 +154,9 @@ An HTTP gateway in front of LM Studio's OpenAI-compatible model server.
 Every answer carries `X-Correlation-ID` (send your own, 1-128 characters of
 `[A-Za-z0-9._:-]`, to follow a request through the logs) and `X-Process-Time`.
 Every failure has one shape, `{"error": {"code", "message", "details"?},
-"correlation_id"}`; each response below lists the codes it can carry. Rate-limited
-routes add `X-RateLimit-*` headers, and `429` with `Retry-After` past the limit.
+"correlation_id"}` (OpenAI's on `/v1`); each response below lists the codes it can
+carry. Rate-limited routes add `X-RateLimit-*` headers, and `429` with
+`Retry-After` past the limit.
 """
 
 UNDECLARED = "Not described yet: the view declares nothing with `documented()`."
@@ -175,12 +190,12 @@ def documented(
 
     ``body`` is the marshmallow schema of its JSON body. ``answers`` maps a
     status to a schema (sent as ``application/json``) or to a mapping of media
-    type to schema (``None`` for an opaque body). ``errors`` are codes of
-    :data:`ERROR_CODES` beyond those every route, every route with a body, and
-    every rate-limited route can answer. ``path`` lists the values a path
-    parameter may take. ``error_schema`` is the body of its errors, when the
-    route answers them in another shape than the gateway's contract. The summary
-    and description come from the view's docstring.
+    type to schema (``None`` for an opaque body; an empty mapping for no body).
+    ``errors`` are codes of :data:`ERROR_CODES` beyond those every route, every
+    route with a body, and every rate-limited route can answer. ``path`` lists
+    the values a path parameter may take. ``error_schema`` is the body of its
+    errors when the route answers them in another shape than the gateway's
+    contract. The summary and description come from the view's docstring.
     """
     operation = Operation(
         body,
@@ -207,26 +222,32 @@ def is_documented(view: Callable[..., Any]) -> bool:
 
 def build_spec(app: Flask) -> dict[str, Any]:
     """Build the OpenAPI document of every route ``app`` serves."""
+    marshmallow = MarshmallowPlugin()
     spec = APISpec(
         title="llm-service",
         version=__version__,
         openapi_version=OPENAPI_VERSION,
-        plugins=[MarshmallowPlugin()],
+        plugins=[marshmallow],
         info={"description": API_DESCRIPTION},
     )
+    marshmallow.converter.add_attribute_function(_custom_field)
+    marshmallow.converter.add_attribute_function(_maximum_from_settings(app))
     for name, header in HEADERS.items():
         spec.components.header(name, header)
     spec.components.parameter(
         CORRELATION_HEADER,
         "header",
         {
-            "description": "Your ID for this request, echoed in the answer.",
-            "schema": {"type": "string", "pattern": _VALID_CORRELATION_ID},
+            "description": "Your ID for this request, echoed in the answer and the "
+            "logs when it is 1-128 characters of `[A-Za-z0-9._:-]`; any other value "
+            "is replaced by a new UUID (never refused).",
+            "schema": {"type": "string"},
         },
     )
     spec.components.schema("ErrorResponse", schema=ErrorResponseSchema)
 
-    tags: dict[str, str] = {}
+    # Tags in the order the blueprints were registered: Swagger UI shows them so.
+    tags = {name: _module_summary(app, name) for name in app.blueprints}
     rules = sorted(app.url_map.iter_rules(), key=lambda rule: rule.rule)
     for rule in rules:
         if rule.endpoint == "static":
@@ -234,7 +255,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         view = app.view_functions[rule.endpoint]
         blueprint = rule.endpoint.rpartition(".")[0]
         tag = blueprint or "app"
-        tags.setdefault(tag, _module_summary(app, blueprint))
+        tags.setdefault(tag, "")
         methods = sorted(set(rule.methods or ()) - _IMPLICIT_METHODS)
         operations = {
             method.lower(): _operation(
@@ -247,7 +268,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
             for method in methods
         }
         spec.path(path=_PLACEHOLDER.sub(r"{\1}", rule.rule), operations=operations)
-    for tag, description in sorted(tags.items()):
+    for tag, description in tags.items():
         spec.tag({"name": tag, "description": description})
     return spec.to_dict()
 
@@ -270,7 +291,8 @@ def _operation(
     path_parameters: Iterable[str],
 ) -> dict[str, Any]:
     declared: Operation = getattr(view, _ATTRIBUTE, _UNDECLARED)
-    summary, _, description = (inspect.getdoc(view) or operation_id).partition("\n")
+    doc = _markdown(inspect.getdoc(view) or operation_id)
+    summary, _, description = doc.partition("\n")
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary.strip(),
@@ -312,6 +334,29 @@ def _operation(
             description, content, _headers(status, rate_limited)
         )
     return operation
+
+
+def _custom_field(_converter: Any, field: Any, **_kwargs: Any) -> dict[str, Any]:
+    """An apispec attribute function for fields that validate in Python.
+
+    apispec cannot read a custom field's ``_deserialize``; such a field states
+    the same rule as JSON Schema in an ``OPENAPI`` class attribute.
+    """
+    return dict(getattr(field, "OPENAPI", {}))
+
+
+def _maximum_from_settings(app: Flask) -> Callable[..., dict[str, Any]]:
+    """An apispec attribute function for bounds that are settings.
+
+    A field with ``metadata={"maximum_setting": "NAME"}`` is checked against
+    ``app.config["NAME"]``; the document states that app's value.
+    """
+
+    def maximum_setting(_converter: Any, field: Any, **_kwargs: Any) -> dict:
+        name = field.metadata.get("maximum_setting")
+        return {"maximum": app.config[name]} if name else {}
+
+    return maximum_setting
 
 
 def _codes_by_status(codes: Iterable[str]) -> dict[int, list[str]]:
@@ -370,7 +415,12 @@ def _module_summary(app: Flask, blueprint: str) -> str:
     if not blueprint:
         return ""
     doc = inspect.getdoc(sys.modules.get(app.blueprints[blueprint].import_name))
-    return doc.partition("\n")[0] if doc else ""
+    return _markdown(doc).partition("\n")[0] if doc else ""
+
+
+def _markdown(docstring: str) -> str:
+    """Docstrings quote code as reST does (````x````); OpenAPI text is Markdown."""
+    return docstring.replace("``", "`")
 
 
 # -- the docs blueprint: /openapi.json and Swagger UI ---------------------------
@@ -460,7 +510,10 @@ def init_script():
 
 @bp.get("/docs/<name>")
 @documented(
-    answers={200: {media_type: None for media_type in sorted(set(ASSETS.values()))}},
+    answers={
+        200: {media_type: None for media_type in sorted(set(ASSETS.values()))},
+        304: {},  # the browser's copy is current (ETag / Last-Modified)
+    },
     errors=("not_found",),
     path={"name": ASSETS},
 )
@@ -468,8 +521,7 @@ def asset(name: str):
     """One of Swagger UI's files, from the installed swagger-ui-bundle package."""
     if name not in ASSETS:
         abort(404)
-    data = (swagger_ui_path / name).read_bytes()
-    return Response(data, mimetype=ASSETS[name])
+    return send_from_directory(swagger_ui_path, name, mimetype=ASSETS[name])
 
 
 def init_app(app: Flask) -> None:

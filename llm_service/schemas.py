@@ -25,7 +25,7 @@ class StopField(fields.Field):
     default_error_messages = {
         "invalid": "Must be a string or a list of up to 4 non-empty strings."
     }
-    #: The same rule in OpenAPI terms (apispec copies it from the metadata).
+    #: The same rule in OpenAPI terms, for /openapi.json.
     OPENAPI = {
         "oneOf": [
             {"type": "string", "minLength": 1},
@@ -37,10 +37,6 @@ class StopField(fields.Field):
             },
         ]
     }
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs["metadata"] = {**self.OPENAPI, **kwargs.get("metadata", {})}
-        super().__init__(**kwargs)
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str) and value:
@@ -77,7 +73,12 @@ class MessageRequestSchema(Schema):
         validate=validate.Length(min=1, max=MAX_MESSAGES),
     )
     temperature = fields.Float(validate=validate.Range(min=0.0, max=2.0))
-    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_tokens = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1),
+        # Its upper bound is a setting, checked below; /openapi.json shows it.
+        metadata={"maximum_setting": "MAX_MAX_TOKENS"},
+    )
     top_p = fields.Float(validate=validate.Range(min=0.0, max=1.0))
     top_k = fields.Integer(strict=True, validate=validate.Range(min=0))
     stop = StopField()
@@ -251,6 +252,7 @@ class ContentField(fields.Field):
     """A message's ``content``: a string, a list of parts, or null."""
 
     default_error_messages = {"invalid": "Must be a string, a list of parts, or null."}
+    OPENAPI = {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]}
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if value is None or isinstance(value, str | list):
@@ -278,10 +280,16 @@ class OpenAIRequestSchema(Schema):
     temperature = fields.Float(allow_none=True, validate=validate.Range(min=0, max=2))
     top_p = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1))
     max_tokens = fields.Integer(
-        strict=True, allow_none=True, validate=validate.Range(min=1)
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(min=1),
+        metadata={"maximum_setting": "MAX_MAX_TOKENS"},
     )
     max_completion_tokens = fields.Integer(
-        strict=True, allow_none=True, validate=validate.Range(min=1)
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(min=1),
+        metadata={"maximum_setting": "MAX_MAX_TOKENS"},
     )
     stream = fields.Boolean(allow_none=True)
     stream_options = fields.Dict(allow_none=True)
@@ -317,6 +325,12 @@ class PromptField(fields.Field):
     """``prompt``/``input``: a non-empty string or a non-empty list."""
 
     default_error_messages = {"invalid": "Must be a non-empty string or list."}
+    OPENAPI = {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {}, "minItems": 1},
+        ]
+    }
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if (isinstance(value, str) and value) or (isinstance(value, list) and value):
@@ -338,3 +352,32 @@ class EmbeddingRequestSchema(Schema):
 
     model = fields.String(validate=validate.Length(min=1, max=MAX_MODEL_NAME))
     input = PromptField(required=True)
+
+
+class OpenAIErrorSchema(Schema):
+    """The ``error`` member on the /v1 routes: OpenAI's shape, for its SDKs."""
+
+    message = fields.String(required=True)
+    type = fields.String(
+        required=True,
+        metadata={
+            "description": "`invalid_request_error`, `not_found_error`, "
+            "`rate_limit_error` or `server_error`."
+        },
+    )
+    param = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The first invalid field, for validation errors."},
+    )
+    code = fields.String(
+        required=True,
+        metadata={"description": "The gateway's error code (see the README)."},
+    )
+
+
+class OpenAIErrorResponseSchema(Schema):
+    """Body of every error answer on the /v1 routes."""
+
+    error = fields.Nested(OpenAIErrorSchema, required=True)
+    correlation_id = fields.String(required=True)

@@ -61,7 +61,8 @@ class GatewayServer:
                 # Any answer means the app is serving (a trusted-hosts setting
                 # may make it a 400 for this Host).
                 requests.get(f"{self.url}/health/live", timeout=1)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # Not listening yet, or too slow to answer on a loaded machine.
                 pass
             else:
                 return self

