@@ -50,6 +50,9 @@ limit_request_fields = 100
 # replaced there) instead of being refused with a non-JSON error page.
 limit_request_field_size = 32768
 proc_name = "llm-service"
+# gunicorn 24+ opens an admin socket at ~/.gunicorn/gunicorn.ctl by default; every
+# instance on the host would share that path, and nothing here uses it.
+control_socket_disable = True
 
 
 def on_starting(server):

@@ -72,6 +72,73 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 # llama_cpp.server answers /v1/models only after a running generation ends.
 REUSE_PROBE_TIMEOUT = 5.0
 STOP_GRACE_SECONDS = 10.0
+# llama_cpp.server reads its settings from environment variables named like
+# its options, case-insensitively and without a prefix, and they win over the
+# command line: `make run PORT=8011` exported PORT=8011 and moved the server off
+# its port. These names (ServerSettings and ModelSettings of 0.3.36) are
+# removed from the server's environment.
+LLAMA_SERVER_SETTING_NAMES = frozenset(
+    (
+        "api_key",
+        "cache",
+        "cache_size",
+        "cache_type",
+        "chat_format",
+        "chat_template_kwargs",
+        "clip_model_path",
+        "config_file",
+        "disable_ping_events",
+        "draft_model",
+        "draft_model_num_pred_tokens",
+        "embedding",
+        "flash_attn",
+        "hf_model_repo_id",
+        "hf_pretrained_model_name_or_path",
+        "hf_tokenizer_config_path",
+        "host",
+        "interrupt_requests",
+        "kv_overrides",
+        "last_n_tokens_size",
+        "logits_all",
+        "lora_base",
+        "lora_path",
+        "main_gpu",
+        "model",
+        "model_alias",
+        "models",
+        "mul_mat_q",
+        "n_batch",
+        "n_ctx",
+        "n_gpu_layers",
+        "n_threads",
+        "n_threads_batch",
+        "n_ubatch",
+        "numa",
+        "offload_kqv",
+        "port",
+        "root_path",
+        "rope_freq_base",
+        "rope_freq_scale",
+        "rope_scaling_type",
+        "rpc_servers",
+        "seed",
+        "split_mode",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "tensor_split",
+        "type_k",
+        "type_v",
+        "use_mlock",
+        "use_mmap",
+        "verbose",
+        "vocab_only",
+        "yarn_attn_factor",
+        "yarn_beta_fast",
+        "yarn_beta_slow",
+        "yarn_ext_factor",
+        "yarn_orig_ctx",
+    )
+)
 BUILD_NOTICE = "building llama.cpp (first time only, ~5 min on 2 cores)..."
 
 EXIT_OK = 0
@@ -718,6 +785,18 @@ def default_thread_count() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def server_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The environment for llama_cpp.server: ours minus what it would read as
+    settings (see LLAMA_SERVER_SETTING_NAMES)."""
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name.lower() not in LLAMA_SERVER_SETTING_NAMES
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class LocalModelServer:
     """A ``llama_cpp.server`` process on a loopback port, or one found running.
 
@@ -851,7 +930,7 @@ class LocalModelServer:
 
     def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = server_environment(os.environ)
         # llama.cpp's OpenMP threads spin while waiting for each other; when
         # another process takes one of their cores (the gateway, pytest) a
         # 2-thread server fell from ~30 to 1-2 tokens/s here. Passive waiting

@@ -779,3 +779,15 @@ def test_cli_runs_outside_the_main_thread(
     worker.join(30)
     assert codes == [0]
     assert "reused" in out.getvalue()
+
+
+def test_server_environment_drops_what_llama_cpp_reads_as_settings():
+    """`make run PORT=8011` exports PORT; the model server must not obey it."""
+    env = lb.server_environment(
+        {"PATH": "/usr/bin", "PORT": "8011", "host": "0.0.0.0", "N_CTX": "9"}
+    )
+    assert env["PATH"] == "/usr/bin"
+    assert "PORT" not in env
+    assert "host" not in env
+    assert "N_CTX" not in env
+    assert env["PYTHONUNBUFFERED"] == "1"
