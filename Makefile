@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run run-dev test test-unit test-integration test-live test-real \
-	test-cov test-connection test-api lint format clean lock local-llm system-packages
+	test-cov test-connection test-api lint format clean lock local-llm system-packages \
+	model-server-install
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -39,8 +40,20 @@ run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
 		$(BIN)/flask run --host $(HOST) --port $(PORT) --reload
 
-test: $(STAMP) system-packages ## every test: unit, integration, browser, fuzz and live
+test: $(STAMP) system-packages model-server-install ## every test: unit, integration, browser, fuzz and live
 	@$(BIN)/pytest tests $(PYTEST_ARGS)
+
+# The live tests use the configured upstream when it answers, else the bundled
+# llama.cpp server: install that here, with visible progress, not inside pytest.
+model-server-install: $(STAMP)
+	@case "$$SKIP_REAL_LLM_TESTS" in true|1|yes) exit 0;; esac; \
+	url="$${LLM_SERVICE_LM_STUDIO_URL:-http://$${LLM_SERVICE_LM_STUDIO_HOST:-localhost}:$${LLM_SERVICE_LM_STUDIO_PORT:-1234}}"; \
+	if $(PY) -m llm_service.local_backend --probe "$$url" >/dev/null 2>&1; then \
+		echo ">> live tests will use the model server at $$url"; \
+	else \
+		echo ">> live tests will use the bundled llama.cpp model server"; \
+		$(PY) -m llm_service.local_backend --install-only; \
+	fi
 
 system-packages: ## install the Debian packages the tests need (Chromium, Redis)
 	@bash scripts/install-system-packages.sh
@@ -51,7 +64,7 @@ test-unit: $(STAMP) ## unit tests (upstream mocked with responses)
 test-integration: $(STAMP) ## real gunicorn in front of the fake LM Studio
 	@$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-test-real: $(STAMP) ## live tests against a real model server
+test-real: $(STAMP) model-server-install ## live tests against a real model server
 	@$(BIN)/pytest tests/live -m real_llm $(PYTEST_ARGS)
 
 test-live: test-real
