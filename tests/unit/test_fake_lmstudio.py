@@ -719,7 +719,7 @@ def test_runs_as_a_script_until_interrupted():
         response = requests.get(url + "/lmstudio-greeting", timeout=5)
         assert response.json() == {"lmstudio": True}
         process.send_signal(signal.SIGINT)
-        assert process.wait(5) == 0
+        assert process.wait(30) == 0  # generous: the machine may be busy building
     finally:
         process.kill()
         process.wait()
