@@ -1,18 +1,21 @@
 """Relaying an upstream event stream to the client: flush, keep-alive, cancel.
 
 Each event leaves as soon as it arrives (gunicorn writes every yielded chunk).
-When the client goes away the upstream stream is closed at once, which makes LM
-Studio and llama.cpp stop generating. A failure after the first byte cannot
-become an HTTP status any more, so it ends the stream with an error event in
-the route's error shape, and never with the success marker.
+When the client goes away the upstream stream is closed at once (a watcher
+thread sees the hang-up), which makes LM Studio and llama.cpp stop generating.
+A failure after the first byte cannot become an HTTP status any more, so it
+ends the stream with an error event in the route's error shape, and never with
+the success marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,7 +30,7 @@ from .upstream import get_upstream
 log = logging.getLogger("llm_service.streaming")
 
 KEEPALIVE = b": keep-alive\n\n"
-#: How often a silent stream checks whether its client is still there.
+#: How often a silent stream wakes to check its keep-alive and deadlines.
 TICK_SECONDS = 0.25
 
 #: Turns one upstream event into the bytes to send (b"" to send nothing).
@@ -71,16 +74,14 @@ def relay(
     """Yield the client's bytes for ``upstream``'s events, then ``finish()``.
 
     On an upstream failure, yields ``error_event(body)`` instead of ``finish()``.
-    Stops (and closes the upstream) as soon as the client disconnects.
+    When the client disconnects, the upstream is cancelled at once.
     """
     client = request.environ.get("gunicorn.socket")
+    stop_watching = disconnects.watch(client, upstream.cancel)
     keepalive = current_app.config["STREAM_KEEPALIVE_SECONDS"]
     last_sent = time.monotonic()
     try:
         for event in upstream.events(tick=TICK_SECONDS):
-            if client_disconnected(client):
-                log.info("client disconnected; upstream stream closed")
-                return
             if event is None:
                 if time.monotonic() - last_sent >= keepalive:
                     yield KEEPALIVE
@@ -90,32 +91,83 @@ def relay(
             if data:
                 yield data
                 last_sent = time.monotonic()
+        if upstream.cancelled:
+            log.info("client disconnected; upstream stream cancelled")
+            return
         yield finish()
     except LMStudioError as err:
         failure = describe_failure(err)
         log_failure(err, failure)
         yield error_event(error_body(failure))
     finally:
+        stop_watching()
         upstream.close()
 
 
-def client_disconnected(sock: socket.socket | None) -> bool:
-    """Tell, without blocking, whether the client closed its connection.
+class DisconnectWatcher:
+    """Notices, for the whole process, clients that hang up during a stream.
 
-    A readable socket with nothing to read is a closed one; a streaming client
-    sends nothing else, so any readable byte means it is still there.
+    One thread waits in ``epoll`` for hang-ups (``EPOLLRDHUP``) on the sockets
+    of every open stream and calls that stream's callback at once, so the
+    upstream stops generating within milliseconds, not at the next chunk. A
+    stream's own thread is busy waiting for the upstream and cannot watch.
     """
-    if sock is None:
-        return False
-    try:
-        # poll, not select: select fails on descriptors above 1024, which a
-        # gateway holding many streams reaches.
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        if not poller.poll(0):
-            return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return True
+
+    EVENTS = (
+        getattr(select, "EPOLLRDHUP", 0)
+        | getattr(select, "EPOLLHUP", 0)
+        | getattr(select, "EPOLLERR", 0)
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._epoll: Any = None
+
+    def watch(
+        self, sock: socket.socket | None, on_disconnect: Callable[[], None]
+    ) -> Callable[[], None]:
+        """Call ``on_disconnect`` when ``sock``'s peer hangs up; return an undo.
+
+        Without a socket (not under gunicorn) or without epoll (not Linux),
+        nothing is watched: the hang-up then shows when a write fails.
+        """
+        if sock is None or not hasattr(select, "epoll"):
+            return lambda: None
+        fd = sock.fileno()
+        with self._lock:
+            if self._epoll is None:
+                # Created in the worker on first use: an epoll made before
+                # gunicorn forks would be shared by every worker.
+                self._epoll = select.epoll()
+                threading.Thread(
+                    target=self._run, name="disconnect-watcher", daemon=True
+                ).start()
+            self._callbacks[fd] = on_disconnect
+            self._epoll.register(fd, self.EVENTS)
+
+        def stop() -> None:
+            with self._lock:
+                if self._callbacks.pop(fd, None) is not None:
+                    with contextlib.suppress(OSError):
+                        self._epoll.unregister(fd)
+
+        return stop
+
+    def _run(self) -> None:
+        while True:
+            for fd, _events in self._epoll.poll():
+                with self._lock:
+                    callback = self._callbacks.pop(fd, None)
+                    if callback is not None:
+                        with contextlib.suppress(OSError):
+                            self._epoll.unregister(fd)
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:  # a watcher must outlive any one stream
+                        log.exception("cancelling a stream failed")
+
+
+#: The process's watcher (gunicorn workers are processes: one each).
+disconnects = DisconnectWatcher()

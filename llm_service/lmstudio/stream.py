@@ -30,6 +30,7 @@ log = logging.getLogger("llm_service.lmstudio")
 
 READ_SIZE = 65536
 _END = object()
+_CANCELLED = object()
 
 
 def _stream_error(payload: object) -> str | None:
@@ -70,6 +71,8 @@ class UpstreamStream:
         self.started = time.monotonic()
         self.total_deadline = self.started + total_timeout
         self.saw_finish = False
+        #: True once :meth:`cancel` was called (the consumer went away).
+        self.cancelled = False
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
         self._reader = threading.Thread(
@@ -82,7 +85,8 @@ class UpstreamStream:
     def events(self, tick: float = 0.25) -> Iterator[SSEEvent | None]:
         """Yield each data event; yield None after ``tick`` seconds of silence.
 
-        Ends after ``[DONE]`` (not yielded). Raises :class:`LMStudioStreamError`
+        Ends after ``[DONE]`` (not yielded), or at once after :meth:`cancel`
+        (check ``cancelled``). Raises :class:`LMStudioStreamError`
         for an error the upstream sends inside the stream,
         :class:`LMStudioStreamCutError` when the stream ends unfinished, and
         :class:`LMStudioStreamTimeoutError` when a limit passes. The upstream
@@ -106,6 +110,8 @@ class UpstreamStream:
                 except queue.Empty:
                     yield None
                     continue
+                if item is _CANCELLED:
+                    return
                 if item is _END:
                     if self.saw_finish:
                         return  # finished, only the [DONE] line was missing
@@ -122,6 +128,12 @@ class UpstreamStream:
                 yield item
         finally:
             self.close()
+
+    def cancel(self) -> None:
+        """Abort the stream from any thread and wake :meth:`events` to end."""
+        self.cancelled = True
+        self.close()
+        self._events.put(_CANCELLED)
 
     def close(self) -> None:
         """Abort the stream: the upstream sees the socket close and stops work."""

@@ -296,3 +296,31 @@ def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
     assert health_seconds < 1.0
     assert len(results) == 200
     assert all(status == 200 and b"[DONE]" in body for status, body in results)
+
+
+def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
+    """While the model reads a long prompt nothing flows; a hang-up still stops it."""
+    fake.first_token_delay = 10
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    body = json.dumps(CHAT).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    assert fake.wait_for(
+        lambda: any(r.path == "/v1/chat/completions" for r in fake.requests), 5
+    )
+    upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
+    time.sleep(0.3)
+    sock.close()
+    disconnected = time.monotonic()
+
+    def closed():
+        conn = next(c for c in fake.connections if c.id == upstream.connection_id)
+        return conn.closed_at
+
+    closed_at = fake.wait_for(closed, timeout=5)
+    assert closed_at is not None
+    assert closed_at - disconnected < 1.0
