@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import select
+import signal
 import socket
 import struct
 import threading
@@ -1163,12 +1164,14 @@ def main(argv: list[str] | None = None) -> None:
         stream_interval=args.stream_interval,
         first_token_delay=args.first_token_delay,
     ).start()
+    stopping = threading.Event()
+    # Handlers set explicitly: a process started in the background inherits
+    # SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
     log.info("fake LM Studio listening on %s (Ctrl-C to stop)", fake.url)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        stopping.wait()
     finally:
         fake.stop()
 
