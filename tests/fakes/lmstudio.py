@@ -462,10 +462,14 @@ class FakeLMStudio:
             return list(self._connections)
 
     def clear_records(self) -> None:
-        """Forget recorded requests and connections (open ones stay open)."""
+        """Forget recorded requests and closed connections.
+
+        Records of connections still open are kept: a client's pooled socket
+        carries on into the next test, which may want to see it close.
+        """
         with self._lock:
             self._requests.clear()
-            self._connections.clear()
+            self._connections[:] = [c for c in self._connections if c.open]
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
         """Wait until ``predicate()`` is truthy; return its last value.

@@ -251,8 +251,10 @@ def test_client_disconnect_closes_the_upstream_within_a_second(gateway, fake):
     upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
 
     def closed():
-        conn = next(c for c in fake.connections if c.id == upstream.connection_id)
-        return conn.closed_at
+        conn = next(
+            (c for c in fake.connections if c.id == upstream.connection_id), None
+        )
+        return conn.closed_at if conn else None
 
     closed_at = fake.wait_for(closed, timeout=5)
     assert closed_at is not None
@@ -318,8 +320,10 @@ def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
     disconnected = time.monotonic()
 
     def closed():
-        conn = next(c for c in fake.connections if c.id == upstream.connection_id)
-        return conn.closed_at
+        conn = next(
+            (c for c in fake.connections if c.id == upstream.connection_id), None
+        )
+        return conn.closed_at if conn else None
 
     closed_at = fake.wait_for(closed, timeout=5)
     assert closed_at is not None
