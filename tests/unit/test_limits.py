@@ -101,3 +101,51 @@ def test_trusted_hosts(app_factory):
     assert bad.status_code == 400
     assert bad.json["error"]["code"] == "bad_request"
     assert bad.headers["X-Correlation-ID"] == bad.json["correlation_id"]
+
+
+def test_memory_storage_counts_and_resets_per_window(monkeypatch):
+    from llm_service.limits import WindowCounterStorage
+
+    clock = [1000.0]
+    monkeypatch.setattr("llm_service.limits.time.time", lambda: clock[0])
+    storage = WindowCounterStorage()
+    assert [storage.incr("a", 60) for _ in range(3)] == [1, 2, 3]
+    assert storage.get("a") == 3
+    assert storage.get_expiry("a") == 1060.0
+    clock[0] = 1061.0  # the window has passed: a new one starts at 1
+    assert storage.get("a") == 0
+    assert storage.incr("a", 60) == 1
+    storage.incr("b", 5)
+    clock[0] = 1080.0  # b's window is long gone: the next hit sweeps it away
+    storage.incr("a", 60)
+    assert "b" not in storage._windows
+    storage.clear("a")
+    assert storage.get("a") == 0
+
+
+def test_limited_requests_start_no_threads(app_factory, monkeypatch):
+    """limits' MemoryStorage started a timer thread per spaced-out request."""
+    import threading
+    import time
+
+    client = app_factory(RATE_LIMIT_REQUESTS=1000).test_client()
+    client.post("/llm/message", json={})
+    started = []
+    original = threading.Thread.start
+
+    def counting_start(thread):
+        started.append(thread.name)
+        original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for _ in range(10):
+        time.sleep(0.015)  # longer than MemoryStorage's 10 ms expiry timer
+        client.post("/llm/message", json={})
+    assert started == []
+
+
+def test_redis_storage_uri_is_used_as_given(app_factory):
+    from llm_service.limits import _storage_uri
+
+    assert _storage_uri("redis://h:6379/0") == "redis://h:6379/0"
+    assert _storage_uri("memory://") == "llm-service-memory://"
