@@ -1,0 +1,669 @@
+"""The run's outputs: targets met or not, the JSON result and the markdown report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+#: Gateway targets whose figures the summary judges: (key, label).
+GATEWAY_ROUTES = [
+    ("gateway_message", "gateway /llm/message"),
+    ("gateway_chat", "gateway /v1/chat/completions"),
+]
+GATEWAY_STREAMS = [
+    ("gateway_chat_stream", "gateway /v1/chat/completions stream"),
+    ("gateway_message_stream", "gateway /llm/message stream"),
+]
+
+TARGETS = {
+    "added_p50_ms": 1.0,
+    "added_p99_ms": 5.0,
+    "vs_bare": 0.60,
+    "vs_litellm": 3.0,
+    "chunk_delay_p99_ms": 1.0,
+    "streams": 1000,
+    "rss_growth_pct": 5.0,
+    "cancel_gap_ms": 100.0,
+}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _spread(entry: dict | None, digits: int = 2) -> str:
+    """Format ``{"median", "min", "max"}`` as ``median (min-max)``."""
+    if not entry:
+        return "-"
+    if entry["runs"] == 1:
+        return _fmt(entry["median"], digits)
+    return (
+        f"{_fmt(entry['median'], digits)} "
+        f"({_fmt(entry['min'], digits)}-{_fmt(entry['max'], digits)})"
+    )
+
+
+def _median(entry: dict | None) -> float | None:
+    return entry["median"] if entry else None
+
+
+def _row(figure, contender, target, measured, met, gap="") -> dict:
+    return {
+        "figure": figure,
+        "contender": contender,
+        "target": target,
+        "measured": measured,
+        "met": met,
+        "gap": gap,
+    }
+
+
+def _over(value: float, limit: float, unit: str) -> str:
+    return "" if value <= limit else f"{_fmt(value - limit)} {unit} over"
+
+
+def evaluate(figures: dict) -> list[dict]:
+    """Judge every target against the figures; n/a where a figure is missing."""
+    rows: list[dict] = []
+    rows += _latency_rows(figures.get("latency"))
+    rows += _throughput_rows(figures.get("throughput"))
+    rows += _streaming_rows(figures.get("streaming"))
+    rows += _capacity_rows(figures.get("capacity"))
+    rows += _memory_rows(figures.get("memory"))
+    rows += _cancel_rows(figures.get("cancellation"))
+    return rows
+
+
+def _na_row(figure: str, label: str, target: str, entry: dict | None) -> dict:
+    reason = entry.get("reason") if entry else "figure not run"
+    return _row(figure, label, target, f"n/a ({reason})", None)
+
+
+def _latency_rows(figure: dict | None) -> list[dict]:
+    rows = []
+    for key, label in GATEWAY_ROUTES:
+        entry = (figure or {}).get("targets", {}).get(key)
+        for name, limit in (
+            ("added_p50_ms", "added_p50_ms"),
+            ("added_p99_ms", "added_p99_ms"),
+        ):
+            title = f"added latency {name[6:9]}"
+            target = f"≤ {TARGETS[limit]:g} ms"
+            if not entry or not entry.get("available") or not entry.get(name):
+                rows.append(_na_row(title, label, target, entry))
+                continue
+            value = entry[name]["median"]
+            rows.append(
+                _row(
+                    title,
+                    label,
+                    target,
+                    f"{_spread(entry[name])} ms",
+                    value <= TARGETS[limit],
+                    _over(value, TARGETS[limit], "ms"),
+                )
+            )
+    return rows
+
+
+def _throughput_rows(figure: dict | None) -> list[dict]:
+    rows = []
+    targets = (figure or {}).get("targets", {})
+    for key, label in GATEWAY_ROUTES:
+        for other, name, limit in (
+            ("bare_flask", "bare Flask", TARGETS["vs_bare"]),
+            ("litellm", "LiteLLM", TARGETS["vs_litellm"]),
+        ):
+            for c in (figure or {}).get("concurrencies", [16, 64]):
+                title = f"throughput vs {name}, c={c}"
+                target = f"≥ {limit:g}x" if limit >= 1 else f"≥ {limit:.0%}"
+                mine, theirs = targets.get(key), targets.get(other)
+                if not mine or not mine.get("available"):
+                    rows.append(_na_row(title, label, target, mine))
+                    continue
+                if not theirs or not theirs.get("available"):
+                    rows.append(_na_row(title, label, target, theirs))
+                    continue
+                a = _median(mine["by_concurrency"][str(c)]["rps"])
+                b = _median(theirs["by_concurrency"][str(c)]["rps"])
+                if not a or not b:
+                    rows.append(_row(title, label, target, "n/a (no requests)", None))
+                    continue
+                ratio = a / b
+                shown = f"{ratio:.2f}x" if limit >= 1 else f"{ratio:.0%}"
+                measured = f"{shown} ({a:,.0f} vs {b:,.0f} req/s)"
+                gap = "" if ratio >= limit else f"needs {limit / ratio:.2f}x its req/s"
+                rows.append(_row(title, label, target, measured, ratio >= limit, gap))
+    return rows
+
+
+def _streaming_rows(figure: dict | None) -> list[dict]:
+    rows = []
+    target = f"≤ {TARGETS['chunk_delay_p99_ms']:g} ms, no batching"
+    for key, label in GATEWAY_STREAMS:
+        entry = (figure or {}).get("targets", {}).get(key)
+        title = "added per-chunk delay p99"
+        if (
+            not entry
+            or not entry.get("available")
+            or not entry.get("added_delay_ms_p99")
+        ):
+            rows.append(_na_row(title, label, target, entry))
+            continue
+        value = entry["added_delay_ms_p99"]["median"]
+        batched = entry["batched"]
+        measured = (
+            f"{_spread(entry['added_delay_ms_p99'])} ms, "
+            f"batched: {'yes' if batched else 'no'}"
+        )
+        gap = _over(value, TARGETS["chunk_delay_p99_ms"], "ms")
+        if batched:
+            gap = ", ".join(
+                filter(None, [gap, f"{entry['held_chunks']} chunks held back"])
+            )
+        met = value <= TARGETS["chunk_delay_p99_ms"] and not batched
+        rows.append(_row(title, label, target, measured, met, gap))
+    return rows
+
+
+def _capacity_rows(figure: dict | None) -> list[dict]:
+    targets = (figure or {}).get("targets", {})
+    entry = targets.get("gateway_stream_slow")
+    title, label = "concurrent slow streams held", "gateway"
+    target = f"≥ {TARGETS['streams']:,}"
+    if not entry or not entry.get("available"):
+        return [_na_row(title, label, target, entry)]
+    held = entry["max_held"]
+    last = entry["by_level"][-1] if entry["by_level"] else None
+    measured = f"{held:,}"
+    if last and not last["held"]:
+        measured += (
+            f" (at {last['level']:,}: {last['peak_concurrent']:,} at once, "
+            f"liveness max {_fmt(last['health_ms_max'], 0)} ms)"
+        )
+    gap = "" if held >= TARGETS["streams"] else f"{TARGETS['streams'] - held:,} short"
+    return [
+        _row(title, entry["label"], target, measured, held >= TARGETS["streams"], gap)
+    ]
+
+
+def _memory_rows(figure: dict | None) -> list[dict]:
+    target = f"≤ {TARGETS['rss_growth_pct']:g} %"
+    entry = (figure or {}).get("gateway")
+    title = "RSS growth over the requests"
+    if not entry or not entry.get("available") or entry.get("growth_pct") is None:
+        return [_na_row(title, "gateway", target, entry)]
+    value = entry["growth_pct"]
+    limit = TARGETS["rss_growth_pct"]
+    measured = (
+        f"{_fmt(value, 1)} % ({_mib_list(entry['idle_worker_mib'])} → "
+        f"{_mib_list(entry['after_worker_mib'])} MiB, {entry['requests']:,} requests)"
+    )
+    gap = "" if value <= limit else f"{_fmt(value - limit, 1)} points over"
+    return [_row(title, entry["label"], target, measured, value <= limit, gap)]
+
+
+def _mib_list(values: list[float] | None) -> str:
+    return " + ".join(f"{v:g}" for v in values) if values else "-"
+
+
+def _cancel_rows(figure: dict | None) -> list[dict]:
+    rows = []
+    target = f"≤ {TARGETS['cancel_gap_ms']:g} ms"
+    limit = TARGETS["cancel_gap_ms"]
+    for variant, suffix in (("fast", ""), ("slow", "_slow")):
+        part = (figure or {}).get(variant)
+        title = f"cancellation gap (max), {variant} upstream"
+        if part:
+            title += f" ({part['interval_ms']:g} ms between chunks)"
+        for key, label in GATEWAY_STREAMS:
+            entry = (part or {}).get("targets", {}).get(key + suffix)
+            if not entry or not entry.get("available"):
+                rows.append(_na_row(title, label, target, entry))
+                continue
+            if entry["not_cancelled"] or entry["gap_ms_max"] is None:
+                tried = entry["cancelled"] + entry["not_cancelled"]
+                measured = f"{entry['not_cancelled']} of {tried} streams ran to the end"
+                rows.append(
+                    _row(title, label, target, measured, False, "not cancelled")
+                )
+                continue
+            value = entry["gap_ms_max"]
+            measured = f"{_fmt(value, 1)} ms (p50 {_fmt(entry['gap_ms_p50'], 1)} ms)"
+            gap = _over(value, limit, "ms")
+            rows.append(_row(title, label, target, measured, value <= limit, gap))
+    return rows
+
+
+# -- markdown ----------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """Return the targets as a markdown table."""
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    return _table(
+        ["figure", "contender", "target", "measured", "met", "gap"],
+        [
+            [
+                r["figure"],
+                r["contender"],
+                r["target"],
+                r["measured"],
+                verdict[r["met"]],
+                r["gap"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def headline_table(figures: dict) -> list[str]:
+    """Return one row per non-streaming contender: the figures people ask for."""
+    latency = figures.get("latency", {}).get("targets", {})
+    throughput = figures.get("throughput", {})
+    concurrencies = [str(c) for c in throughput.get("concurrencies", [])]
+    keys = list(dict.fromkeys([*latency, *throughput.get("targets", {})]))
+    rows = []
+    for key in keys:
+        lat = latency.get(key, {})
+        thr = throughput.get("targets", {}).get(key, {})
+        entry = lat or thr
+        if not entry.get("available"):
+            blanks = [""] * (len(concurrencies) + 2)
+            rows.append([_label(entry), f"n/a ({entry.get('reason')})", *blanks])
+            continue
+        row = [
+            _label(entry),
+            _fmt(_median(lat.get("added_p50_ms"))),
+            _fmt(_median(lat.get("added_p99_ms"))),
+        ]
+        by_c = thr.get("by_concurrency", {})
+        row += [_fmt(_median(by_c.get(c, {}).get("rps")), 0) for c in concurrencies]
+        first = by_c.get(concurrencies[0], {}) if concurrencies else {}
+        row.append(_fmt(_median(first.get("cpu_ms_per_request")), 3))
+        rows.append(row)
+    if not rows:
+        return []
+    header = ["contender", "added p50 ms", "added p99 ms"]
+    header += [f"req/s c={c}" for c in concurrencies]
+    header += [f"CPU ms/req c={concurrencies[0]}" if concurrencies else "CPU ms/req"]
+    return _table(header, rows)
+
+
+def _label(entry: dict) -> str:
+    return entry.get("label", "?")
+
+
+def _section_latency(figure: dict) -> list[str]:
+    lines = [
+        "## Sequential latency",
+        "",
+        f"One request at a time, {figure['requests_per_run']:,} per target per run, "
+        "targets interleaved; median of the runs (min-max). *Added* is the "
+        "target's percentile minus the direct call's in the same run.",
+        "",
+    ]
+    rows = []
+    for entry in figure["targets"].values():
+        if not entry.get("available"):
+            rows.append([_label(entry), f"n/a ({entry['reason']})", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                _label(entry),
+                _spread(entry["p50_ms"], 3),
+                _spread(entry["p99_ms"], 3),
+                _spread(entry["added_p50_ms"], 3),
+                _spread(entry["added_p99_ms"], 3),
+                entry["errors"],
+            ]
+        )
+    header = ["contender", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors"]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _section_throughput(figure: dict, ratios: dict) -> list[str]:
+    lines = [
+        "## Throughput",
+        "",
+        f"wrk, {figure['seconds_per_run']:g} s per run, median of the runs (min-max); "
+        "errors are totals over the runs. *Server CPU ms/request*: CPU time "
+        "(user + system) of the server's processes during the run, per request; "
+        "it moves far less than req/s with the machine's other load.",
+        "",
+    ]
+    rows = []
+    for entry in figure["targets"].values():
+        if not entry.get("available"):
+            rows.append([_label(entry), "", f"n/a ({entry['reason']})", *[""] * 4])
+            continue
+        for c, values in entry["by_concurrency"].items():
+            rows.append(
+                [
+                    _label(entry),
+                    c,
+                    _spread(values["rps"], 0),
+                    values["non_2xx"],
+                    values["socket_errors"],
+                    _spread(values["latency_p99_ms"], 1),
+                    _spread(values.get("cpu_ms_per_request"), 3),
+                ]
+            )
+    header = [
+        "contender",
+        "c",
+        "req/s",
+        "non-2xx",
+        "socket errors",
+        "wrk p99 ms",
+        "server CPU ms/request",
+    ]
+    lines += [*_table(header, rows), ""]
+    if ratios:
+        lines += ["Ratios of median req/s:", ""]
+        ratio_rows = []
+        for name, by_key in ratios.items():
+            for key, by_c in by_key.items():
+                for c, value in by_c.items():
+                    shown = f"{value:.2f}" if value is not None else "n/a"
+                    ratio_rows.append([f"{key} / {name}", c, shown])
+        lines += [*_table(["ratio", "c", "value"], ratio_rows), ""]
+    return lines
+
+
+def _section_streaming(figure: dict) -> list[str]:
+    lines = [
+        "## Streaming",
+        "",
+        f"{figure['streams_per_run']} streams per target per run, one at a time; "
+        f"upstream sends {figure['chunks']} chunks {figure['interval_ms']:g} ms apart. "
+        "Delay = arrival at the client - the upstream's send time (stamped in the "
+        "chunk). *Held* chunks reached the client only after the upstream had sent "
+        "the next one; *merged* events carried more than one upstream chunk.",
+        "",
+    ]
+    rows = []
+    for entry in figure["targets"].values():
+        if not entry.get("available"):
+            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 7])
+            continue
+        rows.append(
+            [
+                _label(entry),
+                _spread(entry["ttfc_ms_p50"]),
+                _spread(entry["added_ttfc_ms_p50"]),
+                _spread(entry["delay_ms_p50"], 3),
+                _spread(entry["delay_ms_p99"], 3),
+                _spread(entry["added_delay_ms_p99"], 3),
+                f"{entry['held_chunks']} / {entry['merged_events']}",
+                entry["missing_chunks"],
+                entry["errors"],
+            ]
+        )
+    header = [
+        "contender",
+        "first chunk ms",
+        "added first chunk ms",
+        "delay p50 ms",
+        "delay p99 ms",
+        "added delay p99 ms",
+        "held / merged",
+        "missing",
+        "errors",
+    ]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _section_capacity(figure: dict) -> list[str]:
+    lines = [
+        "## Slow-stream capacity",
+        "",
+        f"Streams of {figure['chunks']} chunks {figure['interval_s']:g} s apart, "
+        "opened 500 per second. A level is *held* when every stream gets its "
+        f"first chunk within {figure['first_chunk_limit_s']:g} s of asking (later "
+        "means it queued behind another stream) and all its chunks without "
+        "error, and the liveness probes (one every 0.25 s, from a separate "
+        f"process) answer 200 within {figure['health_limit_ms']:g} ms, all but one "
+        "in twenty at most (the shared machine stalls now and then; the max is "
+        "shown). Levels stop at the first one not held. *Peak at once*: the most "
+        "streams delivering chunks at the same moment. RSS and threads: the "
+        "server's whole process tree, peak during the level; CPU cores: its CPU "
+        "time over the level's wall time.",
+        "",
+    ]
+    rows = []
+    for entry in figure["targets"].values():
+        if not entry.get("available"):
+            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 8])
+            continue
+        for level in entry["by_level"]:
+            rows.append(
+                [
+                    _label(entry),
+                    f"{level['level']:,}",
+                    "yes" if level["held"] else "**no**",
+                    f"{level['streams_ok']:,}",
+                    f"{level['peak_concurrent']:,}",
+                    _fmt(level["first_chunk_wait_s_max"]),
+                    f"{_fmt(level['health_ms_p50'], 1)} / "
+                    f"{_fmt(level.get('health_ms_p95'), 1)} / "
+                    f"{_fmt(level['health_ms_max'], 1)} "
+                    f"({level['health_over_limit_or_failed']} over)",
+                    _fmt(level["rss_total_mib"], 1),
+                    level["threads_peak"] or "-",
+                    _fmt(level.get("cpu_cores")),
+                ]
+            )
+    header = [
+        "contender",
+        "streams",
+        "held",
+        "streams ok",
+        "peak at once",
+        "first chunk wait max s",
+        "liveness p50 / p95 / max ms",
+        "RSS MiB",
+        "threads",
+        "CPU cores",
+    ]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _section_memory(figure: dict) -> list[str]:
+    lines = [
+        "## Memory",
+        "",
+        "RSS of each gunicorn worker of a freshly started gateway: cold (no "
+        "request yet), idle after a warm-up (1 s of wrk per route), and after "
+        "the requests (wrk slices alternating between the routes); growth is "
+        "from idle to after.",
+        "",
+    ]
+    rows = []
+    for entry in figure.values():
+        if not entry.get("available"):
+            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 5])
+            continue
+        rows.append(
+            [
+                _label(entry),
+                f"{entry['requests']:,} ({entry['errors']} errors)",
+                _mib_list(entry["cold_worker_mib"]),
+                _mib_list(entry["idle_worker_mib"]),
+                _mib_list(entry["after_worker_mib"]),
+                _fmt(entry["growth_pct"], 1),
+                f"{entry.get('threads_idle')} → {entry.get('threads_after')}",
+            ]
+        )
+    header = [
+        "contender",
+        "requests",
+        "cold MiB",
+        "idle MiB",
+        "after MiB",
+        "growth %",
+        "threads idle → after",
+    ]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _section_cancellation(figure: dict) -> list[str]:
+    lines = [
+        f"## Cancellation ({figure['interval_ms']:g} ms between chunks)",
+        "",
+        f"The client closes its socket after {figure['after_chunks']} chunk(s); the "
+        "gap is from that moment to the upstream seeing its connection closed "
+        f"(upstream chunk interval {figure['interval_ms']:g} ms). *Not cancelled*: "
+        "the upstream streamed to its end.",
+        "",
+    ]
+    rows = []
+    for entry in figure["targets"].values():
+        if not entry.get("available"):
+            rows.append([_label(entry), f"n/a ({entry['reason']})", "", "", ""])
+            continue
+        rows.append(
+            [
+                _label(entry),
+                _fmt(entry["gap_ms_p50"], 1),
+                _fmt(entry["gap_ms_max"], 1),
+                f"{entry['cancelled']} / {entry['not_cancelled']}",
+                entry["errors"],
+            ]
+        )
+    header = ["contender", "gap p50 ms", "gap max ms", "cancelled / not", "errors"]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _section_profile(profiles: dict) -> list[str]:
+    lines = [
+        "## Profile: where the gateway's time goes",
+        "",
+        "py-spy sampling the gateway's worker at 200 Hz under wrk load (16 "
+        "connections), only the thread holding the GIL: where the one core a "
+        "worker can use goes. *By component*: the package of the innermost frame "
+        "(adds up to 100 %). *By step*: inclusive share of the samples inside "
+        "that step.",
+        "",
+    ]
+    for key, profile in profiles.items():
+        if not profile.get("available"):
+            lines += [f"- {key}: n/a ({profile.get('reason')})", ""]
+            continue
+        lines += [
+            f"### {profile['target']} ({profile['samples']:,} samples, "
+            f"{profile['rps_while_sampled']:,} req/s while sampled, raw stacks in "
+            f"`{profile['raw_file']}`)",
+            "",
+        ]
+        lines += _table(
+            ["component (self)", "%"], [[n, v] for n, v in profile["by_component_pct"]]
+        )
+        lines += [""]
+        lines += _table(
+            ["gateway step (inclusive)", "%"],
+            [[n, v] for n, v in profile["by_step_inclusive_pct"]],
+        )
+        lines += [""]
+        lines += _table(
+            ["function (self)", "%"],
+            [[f"`{n}`", v] for n, v in profile["top_functions_self_pct"]],
+        )
+        lines += [""]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """Render the whole result as the markdown report."""
+    machine = result["machine"]
+    versions = result["versions"]
+    settings = result["settings"]
+    lines = [
+        f"# llm-service benchmark ({result['mode']})",
+        "",
+        f"Started {result['started_at']}, took {result['duration_s']:.0f} s.",
+        "",
+        f"**Machine**: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB, {machine['os']}, kernel {machine['kernel']}, "
+        f"load average at start {machine['load_average_at_start']}. Shared and noisy: "
+        "compare figures of one run with each other, not across machines.",
+        "",
+        "**Versions**: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None),
+        "",
+        "**Settings**: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        "",
+        "## Targets",
+        "",
+        *summary_table(result["targets"]),
+        "",
+    ]
+    headline = headline_table(result["figures"])
+    if headline:
+        lines += [
+            "## At a glance",
+            "",
+            "Medians of the runs; details below.",
+            "",
+            *headline,
+            "",
+        ]
+    contenders = result.get("contenders", {})
+    if contenders:
+        lines += ["## Contenders", ""]
+        lines += _table(
+            ["contender", "status"],
+            [
+                [c["label"], "ok" if c["available"] else f"n/a ({c['reason']})"]
+                for c in contenders.values()
+            ],
+        )
+        lines += [""]
+    figures = result["figures"]
+    if "latency" in figures:
+        lines += _section_latency(figures["latency"])
+    if "throughput" in figures:
+        lines += _section_throughput(figures["throughput"], result.get("ratios", {}))
+    if "streaming" in figures:
+        lines += _section_streaming(figures["streaming"])
+    if "capacity" in figures:
+        lines += _section_capacity(figures["capacity"])
+    if "memory" in figures:
+        lines += _section_memory(figures["memory"])
+    for part in figures.get("cancellation", {}).values():
+        lines += _section_cancellation(part)
+    if result.get("profiles"):
+        lines += _section_profile(result["profiles"])
+    if result.get("notes"):
+        lines += ["## Notes", "", *[f"- {note}" for note in result["notes"]], ""]
+    if result.get("errors"):
+        lines += [
+            "## Harness errors",
+            "",
+            *[f"- {error}" for error in result["errors"]],
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: Path, stamp: str, log: Callable[[str], None]) -> Path:
+    """Write ``<stamp>.json``/``.md`` and copies as ``latest.*``; return the .md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stamp}.json"
+    md_path = out_dir / f"{stamp}.md"
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md_path.write_text(markdown(result))
+    shutil.copyfile(json_path, out_dir / "latest.json")
+    shutil.copyfile(md_path, out_dir / "latest.md")
+    log(f">> wrote {json_path} and {md_path} (also latest.json, latest.md)")
+    return md_path
