@@ -30,8 +30,9 @@ from .upstream import get_upstream
 log = logging.getLogger("llm_service.streaming")
 
 KEEPALIVE = b": keep-alive\n\n"
-#: How often a silent stream wakes to check its keep-alive and deadlines.
-TICK_SECONDS = 0.25
+#: Longest a silent stream sleeps before checking its keep-alive. Deadlines are
+#: exact whatever it is, and hang-ups are seen by the watcher, so it can be long.
+MAX_TICK_SECONDS = 1.0
 
 #: Turns one upstream event into the bytes to send (b"" to send nothing).
 Renderer = Callable[[SSEEvent], bytes]
@@ -81,7 +82,8 @@ def relay(
     keepalive = current_app.config["STREAM_KEEPALIVE_SECONDS"]
     last_sent = time.monotonic()
     try:
-        for event in upstream.events(tick=TICK_SECONDS):
+        tick = min(MAX_TICK_SECONDS, keepalive / 2)
+        for event in upstream.events(tick=tick):
             if event is None:
                 if time.monotonic() - last_sent >= keepalive:
                     yield KEEPALIVE
