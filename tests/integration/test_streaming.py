@@ -59,6 +59,25 @@ def read_events(url, body, *, stop_after=None):
     return events
 
 
+def open_raw_stream(gateway) -> socket.socket:
+    """Send a streamed chat request on a bare socket the test can close at will."""
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    body = json.dumps(CHAT).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def upstream_closed_at(fake, record) -> float | None:
+    """When the fake saw the connection of ``record`` close (None: still open)."""
+    conn = next((c for c in fake.connections if c.id == record.connection_id), None)
+    return conn.closed_at if conn else None
+
+
 def data_of(events):
     return [e.split("data: ", 1)[1] for _, e in events if "data: " in e]
 
@@ -235,28 +254,14 @@ def test_connect_timeout_has_its_own_code():
 def test_client_disconnect_closes_the_upstream_within_a_second(gateway, fake):
     fake.stream_interval = 0.2
     fake.reply = " ".join(["word"] * 100)
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    body = json.dumps(CHAT).encode()
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
-        b"Content-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    sock = open_raw_stream(gateway)
     received = b""
     while received.count(b"data: ") < 3:
         received += sock.recv(65536)
     sock.close()
     disconnected = time.monotonic()
     upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
-
-    def closed():
-        conn = next(
-            (c for c in fake.connections if c.id == upstream.connection_id), None
-        )
-        return conn.closed_at if conn else None
-
-    closed_at = fake.wait_for(closed, timeout=5)
+    closed_at = fake.wait_for(lambda: upstream_closed_at(fake, upstream), timeout=5)
     assert closed_at is not None
     gap = closed_at - disconnected
     assert gap < 1.0, f"upstream closed {gap:.3f} s after the client left"
@@ -303,14 +308,7 @@ def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
 def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
     """While the model reads a long prompt nothing flows; a hang-up still stops it."""
     fake.first_token_delay = 10
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    body = json.dumps(CHAT).encode()
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
-        b"Content-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    sock = open_raw_stream(gateway)
     assert fake.wait_for(
         lambda: any(r.path == "/v1/chat/completions" for r in fake.requests), 5
     )
@@ -318,13 +316,6 @@ def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
     time.sleep(0.3)
     sock.close()
     disconnected = time.monotonic()
-
-    def closed():
-        conn = next(
-            (c for c in fake.connections if c.id == upstream.connection_id), None
-        )
-        return conn.closed_at if conn else None
-
-    closed_at = fake.wait_for(closed, timeout=5)
+    closed_at = fake.wait_for(lambda: upstream_closed_at(fake, upstream), timeout=5)
     assert closed_at is not None
     assert closed_at - disconnected < 1.0
