@@ -398,7 +398,7 @@ def test_ensure_installed_is_instant_when_present(
     def no_pip(*args: object) -> int:
         raise AssertionError("pip must not run when already installed")
 
-    monkeypatch.setattr(lb, "_stream_pip_install", no_pip)
+    monkeypatch.setattr(lb.install, "_stream_pip_install", no_pip)
     assert lb.ensure_installed(sys.executable) == Path(sys.executable)
 
 
@@ -433,9 +433,9 @@ def test_pip_environment_respects_user_cmake_args(
 ) -> None:
     layout = lb.CacheLayout.resolve()
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
-    ours, our_cache = lb._pip_environment(layout)
+    ours, our_cache = lb.install._pip_environment(layout)
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
-    theirs, their_cache = lb._pip_environment(layout)
+    theirs, their_cache = lb.install._pip_environment(layout)
     assert theirs["CMAKE_ARGS"] == "-DGGML_CUDA=on"
     assert ours.get("CMAKE_ARGS") != theirs["CMAKE_ARGS"]
     # Different flags must never share a pip wheel cache.
@@ -460,7 +460,7 @@ def test_ensure_installed_reports_missing_compiler_and_pip_log(
         log_path.write_text(output + "more lines\n" * 500)
         return 1
 
-    monkeypatch.setattr(lb, "_stream_pip_install", failing_pip)
+    monkeypatch.setattr(lb.install, "_stream_pip_install", failing_pip)
     with pytest.raises(lb.InstallError) as raised:
         lb.ensure_installed(sys.executable)
     message = str(raised.value)
@@ -502,9 +502,9 @@ def test_diagnose_build_failure_names_the_cause(pip_output: str, hint: str) -> N
 def test_diagnose_build_failure_checks_path_for_compilers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(lb.shutil, "which", lambda name: None)
+    monkeypatch.setattr(lb.install.shutil, "which", lambda name: None)
     assert "C++ compiler" in (lb.diagnose_build_failure("error") or "")
-    monkeypatch.setattr(lb.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(lb.install.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert lb.diagnose_build_failure("some unknown error") is None
 
 
@@ -701,8 +701,8 @@ def pretend_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     python.chmod(0o755)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"")
-    monkeypatch.setattr(lb, "ensure_installed", lambda python_arg, cache: python)
-    monkeypatch.setattr(lb, "ensure_model", lambda py, cache: model)
+    monkeypatch.setattr(lb.cli, "ensure_installed", lambda python_arg, cache: python)
+    monkeypatch.setattr(lb.cli, "ensure_model", lambda py, cache: model)
     return python
 
 
@@ -742,7 +742,7 @@ def test_cli_reuses_running_server_without_installing(
     def no_install(*args: object) -> Path:
         raise AssertionError("nothing to install when a model server answers")
 
-    monkeypatch.setattr(lb, "ensure_installed", no_install)
+    monkeypatch.setattr(lb.cli, "ensure_installed", no_install)
     out = io.StringIO()
     code = lb.main(["--port", str(fake_model_server), "--detach"], out)
     assert code == 0
@@ -761,7 +761,7 @@ def test_cli_install_failure_exits_4(
     def failing_install(python: object, cache: object) -> Path:
         raise lb.InstallError("installing llama-cpp-python failed (cmake not found)")
 
-    monkeypatch.setattr(lb, "ensure_installed", failing_install)
+    monkeypatch.setattr(lb.cli, "ensure_installed", failing_install)
     assert lb.main(["--install-only"]) == lb.EXIT_INSTALL_FAILED
     assert "cmake not found" in capsys.readouterr().err
 
