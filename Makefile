@@ -38,7 +38,7 @@ local-llm: $(STAMP) ## run the bundled llama.cpp model server on 127.0.0.1:1234 
 
 run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
-		$(BIN)/flask run --host $(HOST) --port $(PORT) --reload
+		$(BIN)/flask --debug run --host $(HOST) --port $(PORT) --reload
 
 test: $(STAMP) system-packages model-server-install ## every test: unit, integration, browser, fuzz and live
 	@$(BIN)/pytest tests $(PYTEST_ARGS)
