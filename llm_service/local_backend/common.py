@@ -96,7 +96,7 @@ LLAMA_SERVER_SETTING_NAMES = frozenset(
         "yarn_orig_ctx",
     )
 )
-BUILD_NOTICE = "building llama.cpp (first time only, ~5 min on 2 cores)..."
+BUILD_NOTICE = "building llama.cpp (first time only, 6-10 min on 2 cores)..."
 
 EXIT_OK = 0
 EXIT_ERROR = 1
