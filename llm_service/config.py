@@ -9,7 +9,6 @@ come from it.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -344,7 +343,6 @@ def load_settings(config: dict) -> None:
             f"{ENV_PREFIX}_DEFAULT_MAX_TOKENS={config['DEFAULT_MAX_TOKENS']} is "
             f"larger than {ENV_PREFIX}_MAX_MAX_TOKENS={config['MAX_MAX_TOKENS']}."
         )
-    config["LOG_LEVEL_NUMBER"] = logging.getLevelName(config["LOG_LEVEL"])
     # Flask and Werkzeug read these two under their own names.
     config["MAX_CONTENT_LENGTH"] = config["MAX_REQUEST_SIZE"]
     config["LM_STUDIO_BASE_URL"] = upstream_base_url(config)

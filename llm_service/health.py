@@ -41,6 +41,10 @@ def _upstream_view(report: HealthReport) -> dict:
     }
 
 
+def _unreachable(report: HealthReport) -> str:
+    return f"LM Studio is not reachable at {report.url}: {report.error}"
+
+
 def _answer(body: dict, healthy: bool, code: str, reason: str | None) -> Response:
     body["correlation_id"] = correlation_id()
     if healthy:
@@ -83,8 +87,7 @@ def health():
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
     }
-    reason = f"LM Studio is not reachable at {report.url}: {report.error}"
-    return _answer(body, report.reachable, "upstream_unavailable", reason)
+    return _answer(body, report.reachable, "upstream_unavailable", _unreachable(report))
 
 
 @bp.get("/health/live")
@@ -109,7 +112,7 @@ def ready():
         "models": report.servable_models,
     }
     if not report.reachable:
-        reason = f"LM Studio is not reachable at {report.url}: {report.error}"
+        reason = _unreachable(report)
         code = "upstream_unavailable"
     else:
         reason = "The upstream has no model loaded."

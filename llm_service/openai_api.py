@@ -36,9 +36,14 @@ RELAYED = {"application/json": {"type": "object"}}
 STREAMED = {**RELAYED, "text/event-stream": None}
 
 
+def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """Drop the ``null`` fields SDKs send for options left unset."""
+    return {key: value for key, value in data.items() if value is not None}
+
+
 def _generation_payload(data: dict[str, Any]) -> dict[str, Any]:
     """Fill in the model and a bounded ``max_tokens``; drop nulls the SDK sends."""
-    payload = {key: value for key, value in data.items() if value is not None}
+    payload = _without_nulls(data)
     payload["model"] = resolve_model(payload.get("model"))
     if "max_tokens" not in payload and "max_completion_tokens" not in payload:
         payload["max_tokens"] = current_app.config["DEFAULT_MAX_TOKENS"]
@@ -111,7 +116,7 @@ def embeddings():
     data = load_json_body(embedding_schema)
     # No model resolution here: the loaded chat model cannot embed; the upstream
     # picks its embedding model when none is named.
-    payload = {key: value for key, value in data.items() if value is not None}
+    payload = _without_nulls(data)
     return get_upstream().client.post_json(
         "/v1/embeddings", payload, correlation_id=correlation_id()
     )

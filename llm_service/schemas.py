@@ -50,6 +50,16 @@ class StopField(fields.Field):
         raise self.make_error("invalid")
 
 
+def check_max_tokens(value: int | None) -> None:
+    """Refuse a ``max_tokens`` above the gateway's ``MAX_MAX_TOKENS`` setting.
+
+    Read at request time: the limit is the app's config, not an import constant.
+    """
+    limit = current_app.config["MAX_MAX_TOKENS"]
+    if value is not None and value > limit:
+        raise ValidationError(f"Must be at most {limit} (the gateway's limit).")
+
+
 class ChatMessageSchema(Schema):
     """One turn of the conversation."""
 
@@ -92,9 +102,7 @@ class MessageRequestSchema(Schema):
 
     @validates("max_tokens")
     def _within_configured_limit(self, value: int, **_kwargs: Any) -> None:
-        limit = current_app.config["MAX_MAX_TOKENS"]
-        if value > limit:
-            raise ValidationError(f"Must be at most {limit} (the gateway's limit).")
+        check_max_tokens(value)
 
 
 class UsageSchema(Schema):
@@ -306,9 +314,7 @@ class OpenAIRequestSchema(Schema):
 
     @validates("max_tokens", "max_completion_tokens")
     def _within_configured_limit(self, value: int | None, **_kwargs: Any) -> None:
-        limit = current_app.config["MAX_MAX_TOKENS"]
-        if value is not None and value > limit:
-            raise ValidationError(f"Must be at most {limit} (the gateway's limit).")
+        check_max_tokens(value)
 
 
 class ChatCompletionRequestSchema(OpenAIRequestSchema):

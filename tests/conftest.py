@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -72,9 +73,9 @@ class _ListHandler(logging.Handler):
         self.lines.append(self.format(record))
 
 
-@pytest.fixture
-def log_output(app):
-    """Capture the package's log lines exactly as the app formats them."""
+@contextlib.contextmanager
+def capture_logs():
+    """Capture the package's log lines exactly as the current app formats them."""
     from llm_service.logs import ROOT_LOGGER
 
     logger = logging.getLogger(ROOT_LOGGER)
@@ -84,8 +85,17 @@ def log_output(app):
     for log_filter in app_handler.filters:
         handler.addFilter(log_filter)
     logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def log_output(app):
+    """The ``app`` fixture's log lines (see :func:`capture_logs`)."""
+    with capture_logs() as handler:
+        yield handler
 
 
 def _switch(name: str) -> bool:

@@ -28,6 +28,7 @@ from .errors import (
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
+    error_message,
 )
 from .stream import UpstreamStream
 
@@ -125,28 +126,6 @@ def _retry_after_seconds(value: str | None, cap: float) -> float | None:
             return None
         seconds = moment.timestamp() - time.time()
     return max(0.0, min(seconds, cap))
-
-
-def _error_message(body: Any) -> tuple[str | None, str | None]:
-    """Return ``(message, code)`` from any of the upstream's error shapes.
-
-    LM Studio answers ``{"error": "text"}``, ``{"error": {"message", "type",
-    "code"}}``; FastAPI-based servers (llama-cpp-python) answer ``{"detail": ...}``
-    and some proxies ``{"message": ...}``.
-    """
-    if not isinstance(body, dict):
-        return None, None
-    error = body.get("error")
-    if isinstance(error, str):
-        return error, None
-    if isinstance(error, dict):
-        code = error.get("code")
-        message = error.get("message") or error.get("type") or code
-        return (str(message) if message else None), (str(code) if code else None)
-    for key in ("message", "detail"):
-        if body.get(key):
-            return str(body[key]), None
-    return None, None
 
 
 class LMStudioClient:
@@ -490,7 +469,7 @@ class LMStudioClient:
             body = response.json()
         except ValueError:
             body = None
-        message, code = _error_message(body)
+        message, code = error_message(body)
         is_error_body = isinstance(body, dict) and "error" in body
         if status >= 400 or is_error_body:
             raise self._status_error(

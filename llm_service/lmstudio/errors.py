@@ -1,10 +1,13 @@
-"""The client's exception tree: one root, split by kind of failure.
+"""The client's exception tree, and the one reader of upstream error bodies.
 
+One root, split by kind of failure.
 Every exception says whether the failed call may be retried (``retryable``):
 nothing reached the model, or the upstream asked us to come back later.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class LMStudioError(Exception):
@@ -111,3 +114,25 @@ class LMStudioStreamTimeoutError(LMStudioTimeoutError):
     def __init__(self, message: str, *, kind: str, **details) -> None:
         super().__init__(message, **details)
         self.kind = kind
+
+
+def error_message(body: Any) -> tuple[str | None, str | None]:
+    """Return ``(message, code)`` from any of the upstream's error shapes.
+
+    LM Studio answers ``{"error": "text"}``, ``{"error": {"message", "type",
+    "code"}}``; FastAPI-based servers (llama-cpp-python) answer ``{"detail": ...}``
+    and some proxies ``{"message": ...}``.
+    """
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error")
+    if isinstance(error, str):
+        return error, None
+    if isinstance(error, dict):
+        code = error.get("code")
+        message = error.get("message") or error.get("type") or code
+        return (str(message) if message else None), (str(code) if code else None)
+    for key in ("message", "detail"):
+        if body.get(key):
+            return str(body[key]), None
+    return None, None

@@ -23,6 +23,7 @@ from .errors import (
     LMStudioStreamCutError,
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
+    error_message,
 )
 from .sse import SSEEvent, SSEParser
 
@@ -34,13 +35,13 @@ _CANCELLED = object()
 
 
 def _stream_error(payload: object) -> str | None:
-    """Return the message of an in-stream error payload, or None."""
+    """Return the message of an in-stream error payload, or None.
+
+    Only an ``error`` key makes a chunk an error (a chunk may say "message").
+    """
     if not isinstance(payload, dict) or "error" not in payload:
         return None
-    error = payload["error"]
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("type") or "unknown error")
-    return str(error)
+    return error_message(payload)[0] or "unknown error"
 
 
 def _finishes(data: str) -> bool:

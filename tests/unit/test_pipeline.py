@@ -137,15 +137,10 @@ def test_access_record_counts_retries(client, upstream, log_output):
 
 
 def test_api_token_is_never_logged(app_factory, upstream):
-    import logging
-
-    from tests.conftest import _ListHandler
+    from tests.conftest import capture_logs
 
     app = app_factory(LM_STUDIO_API_TOKEN="sk-lm-SECRET:TOKEN", LOG_LEVEL="DEBUG")
-    handler = _ListHandler()
-    handler.setFormatter(logging.getLogger("llm_service").handlers[-1].formatter)
-    logging.getLogger("llm_service").addHandler(handler)
-    try:
+    with capture_logs() as handler:
         upstream.post(
             f"{UPSTREAM}/v1/chat/completions",
             status=401,
@@ -155,8 +150,6 @@ def test_api_token_is_never_logged(app_factory, upstream):
             "/llm/message",
             json={"model": "m", "messages": [{"role": "user", "content": "q"}]},
         )
-    finally:
-        logging.getLogger("llm_service").removeHandler(handler)
     assert response.status_code == 502
     assert handler.lines
     assert "SECRET" not in "\n".join(handler.lines)
