@@ -41,11 +41,13 @@ from typing import Any
 
 __all__ = [
     "FAULT_KINDS",
+    "FAULT_MODEL_PREFIX",
     "ConnectionRecord",
     "FakeLMStudio",
     "Fault",
     "RequestRecord",
     "echo_reply",
+    "fault_from_model",
     "main",
 ]
 
@@ -156,6 +158,35 @@ class Fault:
         if self.path is not None and not path.startswith(self.path):
             return False
         return streaming or self.kind not in _STREAM_ONLY_KINDS
+
+
+#: Model names of the form ``fault:KIND?name=value&...`` pick a fault per request,
+#: so a hostile upstream can be driven by the caller alone (bench scripts, fuzzing).
+FAULT_MODEL_PREFIX = "fault:"
+
+
+def fault_from_model(body: Any) -> Fault | None:
+    """Return the fault a request's ``model`` names, or None.
+
+    Values are parsed as JSON when they can be (numbers, ``true``, objects),
+    else kept as text: ``fault:stall?seconds=3``, ``fault:status?status=502``.
+    """
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model.startswith(FAULT_MODEL_PREFIX):
+        return None
+    kind, _, query = model[len(FAULT_MODEL_PREFIX) :].partition("?")
+    if kind not in FAULT_KINDS:
+        return None
+    params: dict[str, Any] = {}
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        if name not in FAULT_KINDS[kind]:
+            continue
+        try:
+            params[name] = json.loads(value)
+        except ValueError:
+            params[name] = value
+    return Fault(kind, 1, None, params)
 
 
 class _Abort(Exception):
@@ -695,7 +726,7 @@ class _Handler(BaseHTTPRequestHandler):
             and isinstance(parsed, dict)
             and parsed.get("stream") is True
         )
-        fault = fake._take_fault(raw_path, streaming)
+        fault = fake._take_fault(raw_path, streaming) or fault_from_model(parsed)
         if fault is not None:
             self.record.fault = fault.kind
             if fault.kind not in _STREAM_ONLY_KINDS and self._apply_fault(fault):
@@ -864,6 +895,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Return the answering model, or send LM Studio's error and return None."""
         fake = self.fake
         loaded = list(fake.loaded)
+        if isinstance(requested, str) and requested.startswith(FAULT_MODEL_PREFIX):
+            requested = None  # the fault is the point; any loaded model answers
         if requested and requested not in fake._all_models():
             status = fake.unknown_model_status
             if status == 404:

@@ -724,3 +724,21 @@ def test_runs_as_a_script_until_interrupted():
         process.kill()
         process.wait()
         process.stderr.close()
+
+
+def test_model_name_picks_a_fault(fake):
+    response = chat(fake, model='fault:status?status=502&body="bad gateway"')
+    assert response.status_code == 502
+    assert response.json() == "bad gateway"
+    assert fake.requests[-1].fault == "status"
+    # One request only: the next one with a normal model is served.
+    assert chat(fake).status_code == 200
+
+
+def test_model_name_fault_ignores_unknown_kinds_and_params():
+    from tests.fakes.lmstudio import fault_from_model
+
+    assert fault_from_model({"model": "fault:nonsense"}) is None
+    assert fault_from_model({"model": "fake-model-1"}) is None
+    fault = fault_from_model({"model": "fault:stall?seconds=0.5&bogus=1"})
+    assert (fault.kind, fault.params) == ("stall", {"seconds": 0.5})
