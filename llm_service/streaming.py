@@ -118,6 +118,15 @@ def relay(
             log.info("client disconnected; upstream stream cancelled")
             return
         yield bounded(finish())
+    except GeneratorExit:
+        # gunicorn stopped iterating: the client hung up, or a write outlasted
+        # the stream's time (the socket timed out; gunicorn logs that itself).
+        if time.monotonic() >= upstream.total_deadline and not upstream.cancelled:
+            log.warning(
+                "client read too slowly; stream cut at its total time limit",
+                extra={"error_code": "stream_timeout"},
+            )
+        raise
     except Exception as err:  # upstream failures, and bugs: the stream still ends
         failure = describe_failure(err)
         log_failure(err, failure)

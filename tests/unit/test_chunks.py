@@ -33,9 +33,7 @@ MALFORMED_CHUNKS = {
 }
 
 
-@pytest.mark.parametrize(
-    "data", MALFORMED_CHUNKS.values(), ids=MALFORMED_CHUNKS.keys()
-)
+@pytest.mark.parametrize("data", MALFORMED_CHUNKS.values(), ids=MALFORMED_CHUNKS.keys())
 def test_malformed_chunks_are_protocol_errors(data):
     with pytest.raises(LMStudioProtocolError):
         read_chat_chunk(SSEEvent(data))

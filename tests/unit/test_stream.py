@@ -115,9 +115,13 @@ def test_real_upstream_silence_still_stalls():
 def test_the_total_limit_holds_while_events_are_waiting():
     raw = Raw(EVENT * 100 for _ in range(10_000))
     stream = open_stream(raw, total_timeout=0.3, buffer_bytes=4096)
-    with pytest.raises(LMStudioStreamTimeoutError) as info:
+
+    def consume_slowly():
         for _ in stream.events(tick=0.05):
             time.sleep(0.01)
+
+    with pytest.raises(LMStudioStreamTimeoutError) as info:
+        consume_slowly()
     assert info.value.kind == "total"
 
 
