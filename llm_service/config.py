@@ -245,6 +245,21 @@ SETTINGS: tuple[Setting, ...] = (
         "the connection open.",
     ),
     Setting(
+        "MAX_UPSTREAM_RESPONSE_BYTES",
+        16 * 1024 * 1024,
+        _integer(1024),
+        "Largest upstream answer read, in bytes (a larger one gets 502 "
+        "`upstream_response_too_large`; it is refused, never read whole).",
+    ),
+    Setting(
+        "MAX_SSE_LINE_BYTES",
+        4 * 1024 * 1024,
+        _integer(1024),
+        "Streams: largest line (and event) of an upstream stream, in bytes; a "
+        "longer one ends the stream with an `upstream_response_too_large` error "
+        "event.",
+    ),
+    Setting(
         "HEALTH_CACHE_SECONDS",
         5.0,
         _seconds(allow_zero=True),

@@ -24,6 +24,7 @@ from .lmstudio import (
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
+    LMStudioResponseTooLargeError,
     LMStudioStreamCutError,
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
@@ -222,6 +223,8 @@ def _upstream_failure(error: LMStudioError) -> Failure:
         return Failure(502, "upstream_stream_cut", error.message)
     if isinstance(error, LMStudioStreamError):
         return Failure(502, "upstream_stream_error", error.message)
+    if isinstance(error, LMStudioResponseTooLargeError):
+        return Failure(502, "upstream_response_too_large", error.message)
     if isinstance(error, LMStudioProtocolError):
         return Failure(502, "upstream_invalid_response", error.message)
     return Failure(502, "upstream_error", "The upstream model server failed to answer.")

@@ -9,11 +9,10 @@ from flask import Blueprint, Response, current_app
 
 from .lmstudio import (
     LMStudioConnectionError,
-    LMStudioProtocolError,
     NoModelLoadedError,
     SSEEvent,
     Usage,
-    parse_usage,
+    read_chat_chunk,
 )
 from .openapi import STREAMED_ERRORS, documented
 from .pipeline import correlation_id
@@ -108,28 +107,14 @@ class MessageStream:
         self.usage: Usage | None = None
 
     def render(self, event: SSEEvent) -> bytes:
-        try:
-            chunk = event.json()
-        except ValueError as err:
-            raise LMStudioProtocolError(
-                "The upstream sent a chunk that is not JSON."
-            ) from err
-        if not isinstance(chunk, dict):
-            raise LMStudioProtocolError(
-                "The upstream sent a chunk that is not an object."
-            )
-        self.model = chunk.get("model") or self.model
-        self.usage = parse_usage(chunk.get("usage")) or self.usage
-        choices = chunk.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
+        chunk = read_chat_chunk(event)  # raises on a malformed chunk
+        self.model = chunk.model or self.model
+        self.usage = chunk.usage or self.usage
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        if not chunk.content:
             return b""
-        choice = choices[0]
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        content = (choice.get("delta") or {}).get("content")
-        if not content:
-            return b""
-        self.parts.append(content)
-        return sse({"content": content}, event="delta")
+        self.parts.append(chunk.content)
+        return sse({"content": chunk.content}, event="delta")
 
     def finish(self) -> bytes:
         fields = answer(

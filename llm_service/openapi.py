@@ -65,6 +65,10 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     ),
     "upstream_error": ((502,), "the upstream failed, after the retries"),
     "upstream_invalid_response": ((502,), "the upstream's answer is not the API"),
+    "upstream_response_too_large": (
+        (502,),
+        "the upstream's answer is over `LLM_SERVICE_MAX_UPSTREAM_RESPONSE_BYTES`",
+    ),
     "upstream_auth_failed": ((502,), "the upstream refused the gateway's token"),
     "upstream_unavailable": ((503,), "the upstream is not reachable"),
     "upstream_busy": ((503,), "the upstream stayed overloaded through the retries"),
@@ -88,6 +92,7 @@ BODY_ERRORS = (
 UPSTREAM_FAILURES = (
     "upstream_error",
     "upstream_invalid_response",
+    "upstream_response_too_large",
     "upstream_auth_failed",
     "upstream_unavailable",
     "upstream_busy",

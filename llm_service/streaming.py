@@ -6,6 +6,14 @@ thread sees the hang-up), which makes LM Studio and llama.cpp stop generating.
 A failure after the first byte cannot become an HTTP status any more, so it
 ends the stream with an error event in the route's error shape, and never with
 the success marker.
+
+A client that reads slowly is not buffered for: the upstream stream holds a
+bounded buffer and TCP slows the upstream down. Each write to the client
+(gunicorn's blocking ``sendall``) gets the stream's remaining time as the
+socket's timeout, so a client that stops reading cannot hold the stream past
+``STREAM_TOTAL_TIMEOUT``. Once a stream starts relaying, this module owns the
+client socket's timeout; gunicorn sets the socket back to blocking (or
+non-blocking, between keep-alive requests) when the response is done.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 from flask import Response, current_app, request, stream_with_context
 
 from .errors import describe_failure, error_body, log_failure
-from .lmstudio import LMStudioError, SSEEvent, UpstreamStream
+from .lmstudio import SSEEvent, UpstreamStream
 from .pipeline import correlation_id
 from .upstream import get_upstream
 
@@ -33,6 +41,10 @@ KEEPALIVE = b": keep-alive\n\n"
 #: Longest a silent stream sleeps before checking its keep-alive. Deadlines are
 #: exact whatever it is, and hang-ups are seen by the watcher, so it can be long.
 MAX_TICK_SECONDS = 1.0
+
+#: Time a write may take when the stream's deadline has passed: the error event
+#: that says so still reaches a client that reads.
+FINAL_WRITE_SECONDS = 0.5
 
 #: Turns one upstream event into the bytes to send (b"" to send nothing).
 Renderer = Callable[[SSEEvent], bytes]
@@ -81,26 +93,44 @@ def relay(
     stop_watching = disconnects.watch(client, upstream.cancel)
     keepalive = current_app.config["STREAM_KEEPALIVE_SECONDS"]
     last_sent = time.monotonic()
+
+    def bounded(data: bytes) -> bytes:
+        """Let the write of ``data`` last no longer than the stream may."""
+        if client is not None:
+            remaining = upstream.total_deadline - time.monotonic()
+            with contextlib.suppress(OSError):
+                client.settimeout(max(remaining, FINAL_WRITE_SECONDS))
+        return data
+
     try:
         tick = min(MAX_TICK_SECONDS, keepalive / 2)
         for event in upstream.events(tick=tick):
             if event is None:
                 if time.monotonic() - last_sent >= keepalive:
-                    yield KEEPALIVE
+                    yield bounded(KEEPALIVE)
                     last_sent = time.monotonic()
                 continue
             data = render(event)
             if data:
-                yield data
+                yield bounded(data)
                 last_sent = time.monotonic()
         if upstream.cancelled:
             log.info("client disconnected; upstream stream cancelled")
             return
-        yield finish()
-    except LMStudioError as err:
+        yield bounded(finish())
+    except GeneratorExit:
+        # gunicorn stopped iterating: the client hung up, or a write outlasted
+        # the stream's time (the socket timed out; gunicorn logs that itself).
+        if time.monotonic() >= upstream.total_deadline and not upstream.cancelled:
+            log.warning(
+                "client read too slowly; stream cut at its total time limit",
+                extra={"error_code": "stream_timeout"},
+            )
+        raise
+    except Exception as err:  # upstream failures, and bugs: the stream still ends
         failure = describe_failure(err)
         log_failure(err, failure)
-        yield error_event(error_body(failure))
+        yield bounded(error_event(error_body(failure)))
     finally:
         stop_watching()
         upstream.close()

@@ -76,6 +76,8 @@ def init_app(app: Flask) -> None:
         retry_budget=config["LM_STUDIO_RETRY_BUDGET"],
         retry_after_max=config["LM_STUDIO_RETRY_AFTER_MAX"],
         health_timeout=min(2.0, config["LM_STUDIO_TIMEOUT"]),
+        max_response_bytes=config["MAX_UPSTREAM_RESPONSE_BYTES"],
+        max_sse_line_bytes=config["MAX_SSE_LINE_BYTES"],
         on_attempt=_record_attempt,
     )
     app.extensions[EXTENSION] = Upstream(client, config["HEALTH_CACHE_SECONDS"])

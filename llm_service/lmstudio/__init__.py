@@ -3,6 +3,7 @@
 It knows HTTP and LM Studio and nothing of Flask, so it can be used alone.
 """
 
+from .chunks import ChatChunk, read_chat_chunk
 from .client import (
     ChatResult,
     HealthReport,
@@ -19,6 +20,7 @@ from .errors import (
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
+    LMStudioResponseTooLargeError,
     LMStudioServerError,
     LMStudioStatusError,
     LMStudioStreamCutError,
@@ -32,6 +34,7 @@ from .sse import SSEEvent
 from .stream import UpstreamStream
 
 __all__ = [
+    "ChatChunk",
     "ChatResult",
     "HealthReport",
     "LMStudioAuthError",
@@ -42,6 +45,7 @@ __all__ = [
     "LMStudioError",
     "LMStudioProtocolError",
     "LMStudioRequestError",
+    "LMStudioResponseTooLargeError",
     "LMStudioServerError",
     "LMStudioStatusError",
     "LMStudioStreamCutError",
@@ -55,4 +59,5 @@ __all__ = [
     "Usage",
     "describe",
     "parse_usage",
+    "read_chat_chunk",
 ]

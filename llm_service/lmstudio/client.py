@@ -23,6 +23,7 @@ from .errors import (
     LMStudioError,
     LMStudioProtocolError,
     LMStudioRequestError,
+    LMStudioResponseTooLargeError,
     LMStudioServerError,
     LMStudioStatusError,
     LMStudioTimeoutError,
@@ -39,6 +40,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})
 BODY_EXCERPT = 300
 MESSAGE_LIMIT = 500
+#: Pieces in which an answer's body is read (and checked against the limit).
+BODY_READ_SIZE = 65536
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
@@ -148,9 +151,15 @@ class LMStudioClient:
         retry_after_max: float = 10.0,
         health_timeout: float = 2.0,
         pool_size: int = 32,
+        max_response_bytes: int = 16 * 1024 * 1024,
+        max_sse_line_bytes: int = 4 * 1024 * 1024,
         on_attempt: AttemptObserver | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Largest answer body read; a larger one is refused, never read whole.
+        self.max_response_bytes = max_response_bytes
+        #: Largest line (and event) of a streamed answer.
+        self.max_sse_line_bytes = max_sse_line_bytes
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.retry_budget = retry_budget
@@ -264,6 +273,7 @@ class LMStudioClient:
             first_token_timeout=first_token_timeout,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
+            max_line_bytes=self.max_sse_line_bytes,
         )
 
     def list_models(self, *, correlation_id: str | None = None) -> list[str]:
@@ -390,6 +400,14 @@ class LMStudioClient:
         if response.status_code == 200 and content_type.startswith("text/event-stream"):
             return response
         try:
+            try:
+                fits = self._read_body(response)
+            except requests.RequestException as err:
+                raise LMStudioProtocolError(
+                    "The upstream's answer broke off.", status=response.status_code
+                ) from err
+            if not fits:
+                raise self._too_large(response)
             # An error status, or LM Studio's 200 with an error body: raises.
             self._parse(response)
         finally:
@@ -435,8 +453,10 @@ class LMStudioClient:
                 json=json,
                 headers=headers,
                 timeout=(connect, read),
-                stream=stream,
+                stream=True,
             )
+            # Read here, so a failure half-way is translated like any other.
+            fits = stream or self._read_body(response)
         except requests.ConnectTimeout as err:
             self._observe(None)
             raise LMStudioConnectTimeoutError(
@@ -460,7 +480,39 @@ class LMStudioClient:
                 "The upstream's answer was not valid HTTP."
             ) from err
         self._observe(response.status_code)
+        if not fits:
+            raise self._too_large(response)
         return response
+
+    def _read_body(self, response: requests.Response) -> bool:
+        """Read the body in bounded pieces; False (and closed) when over the limit.
+
+        A ``Content-Length`` over the limit is refused before reading anything;
+        without one, reading stops at the first piece past it. Sizes count the
+        decoded bytes, so a compressed answer cannot grow past the limit either.
+        """
+        limit = self.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response.close()
+            return False
+        parts, size = [], 0
+        for piece in response.iter_content(BODY_READ_SIZE):
+            size += len(piece)
+            if size > limit:
+                response.close()
+                return False
+            parts.append(piece)
+        response._content = b"".join(parts)  # what .json() and .text then read
+        return True
+
+    @staticmethod
+    def _too_large(response: requests.Response) -> LMStudioResponseTooLargeError:
+        return LMStudioResponseTooLargeError(
+            "The upstream's answer is larger than the gateway accepts.",
+            status=response.status_code,
+            request_id=response.headers.get("x-request-id"),
+        )
 
     def _parse(self, response: requests.Response) -> tuple[Any, str | None]:
         status = response.status_code

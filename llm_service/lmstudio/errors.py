@@ -66,6 +66,13 @@ class LMStudioProtocolError(LMStudioError):
     """
 
 
+class LMStudioResponseTooLargeError(LMStudioProtocolError):
+    """The upstream's answer, or one line of its stream, is over the size limit.
+
+    Not retried: the same request would most likely get the same answer.
+    """
+
+
 class LMStudioStatusError(LMStudioError):
     """The upstream answered with an error status or an ``error`` body."""
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 DONE = "[DONE]"
+#: One line ending: CRLF, LF or CR (a CR alone at the end of a piece may still be
+#: the first half of a CRLF: see ``SSEParser._after_cr``).
+_LINE_END = re.compile(rb"\r\n?|\n")
+
+
+class SSELineTooLongError(ValueError):
+    """A line, or an event's data, is longer than the parser accepts."""
 
 
 @dataclass
@@ -24,7 +32,10 @@ class SSEEvent:
     def json(self) -> Any:
         """The data parsed as JSON (cached); raises ValueError when it is not."""
         if self._parsed is None:
-            self._parsed = json.loads(self.data)
+            try:
+                self._parsed = json.loads(self.data)
+            except RecursionError as err:  # nested too deep: not JSON we can use
+                raise ValueError("JSON nested too deep") from err
         return self._parsed
 
 
@@ -33,22 +44,51 @@ class SSEParser:
 
     Follows the WHATWG rules that matter here: lines end with LF, CRLF or CR;
     a blank line dispatches; ``:`` lines are comments; ``data`` lines accumulate.
+
+    Linear in the bytes fed: each byte is searched for a line ending once, and
+    an unfinished line is kept as a list of pieces joined once it ends (never
+    re-copied or re-searched as more of it arrives). ``max_line_bytes`` bounds
+    one line and one event's data: past it :class:`SSELineTooLongError`.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_line_bytes: int | None = None) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._pieces: list[bytes] = []  # the unfinished line
+        self._pending = 0  # its length
+        self._after_cr = False  # the last line ended with a CR: skip one LF
         self._data: list[str] = []
+        self._data_size = 0
         self._event: str | None = None
+        #: Bytes searched or copied so far: a measure of the work done, which
+        #: stays proportional to the bytes fed (tests and the bench read it).
+        self.work = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add bytes; return the events they complete."""
-        self._buffer += chunk
-        events = []
-        while True:
-            line, separator, rest = self._split_line(self._buffer)
-            if separator is None:
+        events: list[SSEEvent] = []
+        start, end = 0, len(chunk)
+        if self._after_cr and end:
+            self._after_cr = False
+            if chunk[0] == 0x0A:  # the LF of a CRLF split between two pieces
+                start = 1
+        while start < end:
+            match = _LINE_END.search(chunk, start)
+            if match is None:
+                self.work += end - start
+                self._keep(chunk[start:] if start else chunk)
                 break
-            self._buffer = rest
+            self.work += match.end() - start
+            line = chunk[start : match.start()]
+            if self._pieces:
+                self._keep(line)
+                line = b"".join(self._pieces)
+                self.work += len(line)
+                self._pieces, self._pending = [], 0
+            elif self.max_line_bytes is not None and len(line) > self.max_line_bytes:
+                raise SSELineTooLongError(len(line))
+            if match.group() == b"\r" and match.end() == end:
+                self._after_cr = True
+            start = match.end()
             event = self._take_line(line.decode("utf-8", errors="replace"))
             if event is not None:
                 events.append(event)
@@ -57,27 +97,22 @@ class SSEParser:
     def flush(self) -> list[SSEEvent]:
         """Dispatch what is left when the stream ends without a final blank line."""
         events = []
-        if self._buffer:
-            line, self._buffer = self._buffer, b""
+        if self._pieces:
+            line = b"".join(self._pieces)
+            self._pieces, self._pending = [], 0
             self._take_line(line.decode("utf-8", errors="replace"))
         event = self._take_line("")
         if event is not None:
             events.append(event)
         return events
 
-    @staticmethod
-    def _split_line(buffer: bytes) -> tuple[bytes, bytes | None, bytes]:
-        """Return ``(line, separator, rest)``; separator None: no full line yet."""
-        lf = buffer.find(b"\n")
-        cr = buffer.find(b"\r")
-        if cr == -1 or (lf != -1 and lf < cr):
-            if lf == -1:
-                return buffer, None, b""
-            return buffer[:lf], b"\n", buffer[lf + 1 :]
-        if cr + 1 == len(buffer):
-            return buffer, None, b""  # the next byte may be the LF of a CRLF
-        end = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
-        return buffer[:cr], b"\r", buffer[end:]
+    def _keep(self, piece: bytes) -> None:
+        """Hold a piece of the unfinished line, within ``max_line_bytes``."""
+        self._pending += len(piece)
+        if self.max_line_bytes is not None and self._pending > self.max_line_bytes:
+            raise SSELineTooLongError(self._pending)
+        if piece:
+            self._pieces.append(piece)
 
     def _take_line(self, line: str) -> SSEEvent | None:
         if not line:
@@ -85,13 +120,18 @@ class SSEParser:
                 self._event = None
                 return None
             event = SSEEvent("\n".join(self._data), self._event)
-            self._data, self._event = [], None
+            self._data, self._data_size, self._event = [], 0, None
             return event
         if line.startswith(":"):
             return None
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
+            self._data_size += len(value) + 1
+            if self.max_line_bytes is not None and (
+                self._data_size > self.max_line_bytes
+            ):
+                raise SSELineTooLongError(self._data_size)
             self._data.append(value)
         elif name == "event":
             self._event = value

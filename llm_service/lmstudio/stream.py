@@ -1,14 +1,20 @@
 """UpstreamStream: an upstream event stream read in the background, with deadlines.
 
 A reader thread pulls bytes off the socket as they arrive and parses them into
-events; the consumer waits on a queue with short ticks, so it can send keep-alives
-or notice its own client leaving while the upstream is silent, and every limit
-(first token, silence, total) is checked precisely without putting a timeout on
-the socket read itself, which would leave the connection unusable.
+events; the consumer waits on a bounded buffer with short ticks, so it can send
+keep-alives or notice its own client leaving while the upstream is silent, and
+every limit (first token, silence, total) is checked precisely without putting
+a timeout on the socket read itself, which would leave the connection unusable.
+
+The buffer holds at most about :data:`BUFFER_BYTES` of events: when the client
+reads slower than the upstream writes, the reader stops reading, the socket's
+receive window fills and TCP slows the upstream down. Time spent so is not the
+upstream's silence: the idle limit counts only while the reader waits for it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -20,18 +26,22 @@ import requests
 
 from .errors import (
     LMStudioError,
+    LMStudioResponseTooLargeError,
     LMStudioStreamCutError,
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
     error_message,
 )
-from .sse import SSEEvent, SSEParser
+from .sse import SSEEvent, SSELineTooLongError, SSEParser
 
 log = logging.getLogger("llm_service.lmstudio")
 
 READ_SIZE = 65536
+#: Bytes of parsed events held for a client that reads slower than the upstream
+#: writes. One event may overshoot it (an event is never split).
+BUFFER_BYTES = 256 * 1024
 _END = object()
-_CANCELLED = object()
+_CLOSED = object()
 
 
 def _stream_error(payload: object) -> str | None:
@@ -54,6 +64,63 @@ def _finishes(data: str) -> bool:
     return '"finish_reason":' in compact and '"finish_reason":null' not in compact
 
 
+class _Buffer:
+    """Items from the reader thread to the consumer, bounded in bytes.
+
+    ``put`` waits while the buffer holds ``limit`` bytes or more; items of size
+    0 (the end, an error) never wait. ``heard_at`` is when the upstream last
+    gave an event: when one was added, or when the consumer made room for a
+    reader that may have been waiting (the upstream was not silent then, the
+    client was slow).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.heard_at: float | None = None
+        self._items: collections.deque[tuple[object, int]] = collections.deque()
+        self._size = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def put(self, item: object, size: int = 0) -> bool:
+        """Add ``item``; False when the buffer was closed (the item is dropped)."""
+        with self._changed:
+            while size and self._size >= self.limit and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return False
+            self._items.append((item, size))
+            self._size += size
+            if size:
+                self.heard_at = time.monotonic()
+            self._changed.notify_all()
+            return True
+
+    def get(self, timeout: float) -> object:
+        """Return the next item, or ``_CLOSED``; raise queue.Empty after ``timeout``."""
+        with self._changed:
+            if not self._items and not self._closed and timeout > 0:
+                self._changed.wait(timeout)
+            if self._closed:
+                return _CLOSED
+            if not self._items:
+                raise queue.Empty
+            item, size = self._items.popleft()
+            if self._size >= self.limit:
+                self.heard_at = time.monotonic()
+            self._size -= size
+            self._changed.notify_all()
+            return item
+
+    def close(self) -> None:
+        """Drop every item and wake both sides for good."""
+        with self._changed:
+            self._closed = True
+            self._items.clear()
+            self._size = 0
+            self._changed.notify_all()
+
+
 class UpstreamStream:
     """Events of one streamed completion; :meth:`close` aborts it upstream."""
 
@@ -64,17 +131,21 @@ class UpstreamStream:
         first_token_timeout: float,
         idle_timeout: float,
         total_timeout: float,
+        max_line_bytes: int | None = None,
+        buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         self.response = response
         self.request_id = response.headers.get("x-request-id")
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
         self.started = time.monotonic()
+        #: When the stream must end (``time.monotonic``), whatever is happening.
         self.total_deadline = self.started + total_timeout
+        self.max_line_bytes = max_line_bytes
         self.saw_finish = False
         #: True once :meth:`cancel` was called (the consumer went away).
         self.cancelled = False
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._events = _Buffer(buffer_bytes)
         self._closed = threading.Event()
         self._reader = threading.Thread(
             target=self._read, name="upstream-stream-reader", daemon=True
@@ -93,26 +164,31 @@ class UpstreamStream:
         :class:`LMStudioStreamTimeoutError` when a limit passes. The upstream
         connection is closed whenever the iteration stops, for any reason.
         """
-        received_any = False
-        last_event = self.started
         try:
             while True:
-                if received_any:
-                    limit, kind = last_event + self.idle_timeout, "idle"
-                else:
+                heard_at = self._events.heard_at
+                if heard_at is None:
                     limit, kind = self.started + self.first_token_timeout, "first_token"
+                else:
+                    limit, kind = heard_at + self.idle_timeout, "idle"
                 if self.total_deadline < limit:
                     limit, kind = self.total_deadline, "total"
-                wait = limit - time.monotonic()
-                if wait <= 0:
-                    raise self._timeout(kind)
+                now = time.monotonic()
+                if now >= self.total_deadline:
+                    raise self._timeout("total")
                 try:
-                    item = self._events.get(timeout=min(tick, wait))
+                    # Events already buffered are delivered whatever the time:
+                    # the upstream sent them, only the client was slow.
+                    item = self._events.get(timeout=min(tick, limit - now))
                 except queue.Empty:
+                    if time.monotonic() >= limit:
+                        raise self._timeout(kind) from None
                     yield None
                     continue
-                if item is _CANCELLED:
-                    return
+                if item is _CLOSED:
+                    if self.cancelled:
+                        return
+                    raise LMStudioStreamCutError("The stream was closed.")
                 if item is _END:
                     if self.saw_finish:
                         return  # finished, only the [DONE] line was missing
@@ -121,8 +197,6 @@ class UpstreamStream:
                     )
                 if isinstance(item, LMStudioError):
                     raise item
-                received_any = True
-                last_event = time.monotonic()
                 if item.is_done:
                     return
                 self._check(item)
@@ -134,13 +208,13 @@ class UpstreamStream:
         """Abort the stream from any thread and wake :meth:`events` to end."""
         self.cancelled = True
         self.close()
-        self._events.put(_CANCELLED)
 
     def close(self) -> None:
         """Abort the stream: the upstream sees the socket close and stops work."""
         if self._closed.is_set():
             return
         self._closed.set()
+        self._events.close()  # wakes a reader waiting for room
         # shutdown() wakes the reader blocked in recv(); close() alone does not.
         with contextlib.suppress(Exception):
             self.response.raw.shutdown()
@@ -176,22 +250,33 @@ class UpstreamStream:
     # -- reader thread -------------------------------------------------------
 
     def _read(self) -> None:
-        parser = SSEParser()
+        parser = SSEParser(self.max_line_bytes)
         raw = self.response.raw
+        put = self._events.put
         try:
             while not self._closed.is_set():
                 data = raw.read1(READ_SIZE)
                 if not data:
                     break
                 for event in parser.feed(data):
-                    self._events.put(event)
+                    # Waits while the buffer is full: the upstream is not read
+                    # meanwhile, so TCP makes it wait too.
+                    if not put(event, len(event.data) + 1):
+                        return
             for event in parser.flush():
-                self._events.put(event)
-            self._events.put(_END)
+                put(event, len(event.data) + 1)
+            put(_END)
+        except SSELineTooLongError:
+            put(
+                LMStudioResponseTooLargeError(
+                    "The upstream sent a stream line larger than the gateway accepts.",
+                    request_id=self.request_id,
+                )
+            )
         except Exception as err:
             if not self._closed.is_set():
                 log.debug("upstream stream read failed: %s", type(err).__name__)
-                self._events.put(
+                put(
                     LMStudioStreamCutError(
                         "The upstream connection broke during the stream.",
                         request_id=self.request_id,

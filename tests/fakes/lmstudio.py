@@ -69,9 +69,20 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "stream_error": frozenset({"after", "error"}),
     "stream_cut": frozenset({"after"}),
     "slow_stream": frozenset({"interval"}),
+    # As fast as the socket takes them: `bytes` of events (streamed), or one
+    # answer whose content is `bytes` long, chunked or with a Content-Length.
+    "flood": frozenset({"bytes", "chunked"}),
+    # One `data:` line of `bytes` bytes; ended by a blank line when `newline`.
+    "long_line": frozenset({"bytes", "newline"}),
+    # Chunk number `after` replaced by `data` (JSON-encoded unless a string).
+    "bad_chunk": frozenset({"data", "after"}),
 }
 # These only make sense once a stream is under way, so they wait for one.
-_STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_cut", "slow_stream"})
+_STREAM_ONLY_KINDS = frozenset(
+    {"stream_error", "stream_cut", "slow_stream", "long_line", "bad_chunk"}
+)
+# Bytes written at once by the flood faults.
+_FLOOD_WRITE = 65536
 
 _MALFORMED_BODIES = {
     "html": (b"<html><body>oops</body></html>", "text/html; charset=utf-8"),
@@ -729,7 +740,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = fake._take_fault(raw_path, streaming) or fault_from_model(parsed)
         if fault is not None:
             self.record.fault = fault.kind
-            if fault.kind not in _STREAM_ONLY_KINDS and self._apply_fault(fault):
+            if fault.kind not in _STREAM_ONLY_KINDS and self._apply_fault(
+                fault, streaming
+            ):
                 return
 
         if fake.api_token is not None:
@@ -788,10 +801,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- faults --------------------------------------------------------------
 
-    def _apply_fault(self, fault: Fault) -> bool:
+    def _apply_fault(self, fault: Fault, streaming: bool) -> bool:
         """Apply a non-streaming fault; return True when it answered the request."""
         params = fault.params
         kind = fault.kind
+        if kind == "flood":
+            if streaming:
+                return False  # the stream floods
+            self._flood_answer(params.get("bytes", 50_000_000), params.get("chunked"))
+            return True
         if kind == "stall":
             # Say nothing, then answer normally if the client is still there.
             if not self._wait(params.get("seconds", 60.0)):
@@ -815,6 +833,26 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "reset":
             self._reset(rst=params.get("rst", False))
         return True
+
+    def _flood_answer(self, size: int, chunked: bool) -> None:
+        """Answer a chat completion whose content is ``size`` bytes of text."""
+        head = b'{"object":"chat.completion","model":"flood","choices":[{"index":0,'
+        head += b'"message":{"role":"assistant","content":"'
+        tail = b'"},"finish_reason":"stop"}]}'
+        headers = {"Content-Type": "application/json; charset=utf-8"}
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(len(head) + size + len(tail))
+        self._start_response(200, headers)
+        write = self._write_chunk if chunked else self._write
+        write(head)
+        block = b"x" * _FLOOD_WRITE
+        for start in range(0, size, _FLOOD_WRITE):
+            write(block[: min(_FLOOD_WRITE, size - start)])
+        write(tail)
+        if chunked:
+            self._write_chunk(b"")
 
     def _reset(self, rst: bool) -> None:
         """Close the socket without a word: FIN, or RST when ``rst``."""
@@ -1036,12 +1074,22 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if not self._wait(self.fake.first_token_delay):
             raise _Abort
+        if fault_kind == "flood":
+            self._flood_events(_dumps(chunk("x" * 1000, 1, None)), params)
+        elif fault_kind == "long_line":
+            self._long_line(params)
         pieces = tokens or [""]
         for index, piece in enumerate(pieces):
             if index and not self._wait(interval):
                 raise _Abort
             if fault_kind in ("stream_error", "stream_cut") and index == cut_after:
                 self._stream_fault(fault_kind, params)
+            if fault_kind == "bad_chunk" and index == params.get("after", 1):
+                data = params.get("data", "")
+                self._send_event(
+                    data.encode() if isinstance(data, str) else _dumps(data)
+                )
+                continue
             self._send_event(_dumps(chunk(piece, index, None)))
         if fault_kind in ("stream_error", "stream_cut") and cut_after >= len(pieces):
             self._stream_fault(fault_kind, params)
@@ -1052,6 +1100,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_event(_dumps(final))
         self._send_event(b"[DONE]")
         self._write_chunk(b"")  # the zero-length chunk ends the body
+
+    def _flood_events(self, event: bytes, params: dict[str, Any]) -> None:
+        """Send copies of ``event`` until ``bytes`` bytes of events are out."""
+        framed = b"data: " + event + b"\n\n"
+        per_write = max(1, _FLOOD_WRITE // len(framed))
+        block = framed * per_write
+        total = params.get("bytes", 300_000_000)
+        sent = 0
+        while sent < total:
+            self._write_chunk(block)
+            sent += len(block)
+            if self.record is not None:
+                self.record.chunks_sent += per_write
+
+    def _long_line(self, params: dict[str, Any]) -> None:
+        """Send one line of ``bytes`` bytes; without ``newline``, end there."""
+        size = params.get("bytes", 40_000_000)
+        self._write_chunk(b"data: ")
+        block = b"x" * _FLOOD_WRITE
+        for start in range(0, size, _FLOOD_WRITE):
+            self._write_chunk(block[: min(_FLOOD_WRITE, size - start)])
+        if not params.get("newline"):
+            self._write_chunk(b"")
+            raise _Abort
+        self._write_chunk(b"\n\n")
 
     def _stream_fault(self, kind: str, params: dict[str, Any]) -> None:
         """Break the stream under way; always raises :class:`_Abort`."""

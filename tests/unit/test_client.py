@@ -15,6 +15,7 @@ from llm_service.lmstudio import (
     LMStudioConnectionError,
     LMStudioProtocolError,
     LMStudioRequestError,
+    LMStudioResponseTooLargeError,
     LMStudioServerError,
     LMStudioTimeoutError,
     ModelNotFoundError,
@@ -383,3 +384,55 @@ def test_environment_proxies_are_read_once_at_start(monkeypatch):
     monkeypatch.delenv("HTTP_PROXY")
     assert lm.session.trust_env is False
     assert lm.session.proxies["http"] == "http://proxy.test:3128"
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_an_answer_over_the_limit_is_refused(upstream, declared):
+    client = LMStudioClient(BASE, retries=2, max_response_bytes=4096)
+    upstream.post(
+        CHAT,
+        body=json.dumps(completion("x" * 5000)),
+        content_type="application/json",
+        auto_calculate_content_length=declared,
+    )
+    with pytest.raises(LMStudioResponseTooLargeError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.status == 200
+    assert len(upstream.calls) == 1  # not retried
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading(monkeypatch):
+    """Content-Length decides before a byte of the body is read."""
+    client = LMStudioClient(BASE, max_response_bytes=4096)
+    read = []
+    monkeypatch.setattr(
+        requests.Response,
+        "iter_content",
+        lambda self, *args, **kwargs: read.append(1) or iter([b"{}"]),
+    )
+    with responses.RequestsMock() as mock:
+        mock.post(
+            CHAT,
+            body=json.dumps(completion("x" * 5000)),
+            content_type="application/json",
+            auto_calculate_content_length=True,
+        )
+        with pytest.raises(LMStudioResponseTooLargeError):
+            client.chat_completion(PAYLOAD)
+    assert read == []
+
+
+def test_an_answer_at_the_limit_is_read(upstream):
+    body = json.dumps(completion("x" * 3000))
+    client = LMStudioClient(BASE, max_response_bytes=len(body))
+    upstream.post(CHAT, body=body, content_type="application/json")
+    assert client.chat_completion(PAYLOAD).text == "x" * 3000
+
+
+def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
+    client = LMStudioClient(BASE, retries=0, max_response_bytes=4096)
+    upstream.post(
+        CHAT, body=json.dumps({"error": "x" * 5000}), content_type="application/json"
+    )
+    with pytest.raises(LMStudioResponseTooLargeError):
+        client.open_stream("/v1/chat/completions", PAYLOAD)
