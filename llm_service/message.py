@@ -8,7 +8,6 @@ from typing import Any
 from flask import Blueprint, Response, current_app
 
 from .lmstudio import (
-    LMStudioConnectionError,
     LMStudioProtocolError,
     NoModelLoadedError,
     SSEEvent,
@@ -37,9 +36,12 @@ def resolve_model(requested: str | None) -> str:
     models = upstream.servable_models()
     if models:
         return models[0]
-    report = upstream.health()
-    if not report.reachable:
-        raise LMStudioConnectionError(f"Upstream not reachable: {report.error}")
+    if not upstream.health().reachable:
+        # Ask the way a request naming a model would (with its retries), so a
+        # bad token, a wrong path or a web server fail with their own codes.
+        models = upstream.client.list_models(correlation_id=correlation_id())
+        if models:
+            return models[0]
     raise NoModelLoadedError("The upstream lists no model that can answer.")
 
 

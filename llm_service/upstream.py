@@ -7,12 +7,13 @@ traffic cannot hammer the upstream.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 
-from flask import Flask, current_app, g, has_request_context
+from flask import Flask, current_app, g, has_request_context, request
 
-from .lmstudio import HealthReport, LMStudioClient
+from .lmstudio import HealthReport, LMStudioClient, LMStudioLoopError
 
 EXTENSION = "llm_service.upstream"
 
@@ -20,8 +21,12 @@ EXTENSION = "llm_service.upstream"
 class Upstream:
     """The client plus a time-limited cache of its last probe."""
 
-    def __init__(self, client: LMStudioClient, cache_seconds: float) -> None:
+    def __init__(
+        self, client: LMStudioClient, cache_seconds: float, via: str = ""
+    ) -> None:
         self.client = client
+        #: This process's pseudonym in the ``Via`` header it sends upstream.
+        self.via = via
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._report: HealthReport | None = None
@@ -33,10 +38,14 @@ class Upstream:
         with self._lock:
             fresh = time.monotonic() - self._probed_at < self.cache_seconds
             if self._report is None or not fresh:
-                self._report = self.client.probe()
+                report = self.client.probe()
+                if report.busy:
+                    # Generating for a request of ours: it serves what it served.
+                    report.models = list(self._last_models)
+                elif report.reachable:
+                    self._last_models = report.servable_models
+                self._report = report
                 self._probed_at = time.monotonic()
-                if self._report.reachable:
-                    self._last_models = self._report.servable_models
             return self._report
 
     def servable_models(self) -> list[str]:
@@ -58,6 +67,22 @@ class Upstream:
             self._report = None
 
 
+def _refuse_loops() -> None:
+    """Refuse a request that this process itself sent upstream: a self-loop.
+
+    Without this, a gateway whose upstream URL is its own address calls itself
+    until its threads, its rate limit or its time budget run out.
+    """
+    via = request.headers.get("Via")
+    upstream = current_app.extensions[EXTENSION]
+    if via and upstream.via and upstream.via in via:
+        raise LMStudioLoopError(
+            "The gateway's upstream URL leads back to the gateway itself: "
+            "LLM_SERVICE_LM_STUDIO_URL must point at a model server.",
+            status=508,
+        )
+
+
 def _record_attempt(status: int | None) -> None:
     if has_request_context():
         g.upstream_status = status
@@ -65,8 +90,10 @@ def _record_attempt(status: int | None) -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Create the app's client from its settings."""
+    """Create the app's client from its settings; refuse requests that loop."""
     config = app.config
+    # Random per process: chains of distinct gateways stay possible.
+    via = f"llm-service-{secrets.token_hex(4)}"
     client = LMStudioClient(
         config["LM_STUDIO_BASE_URL"],
         api_token=config["LM_STUDIO_API_TOKEN"],
@@ -77,8 +104,10 @@ def init_app(app: Flask) -> None:
         retry_after_max=config["LM_STUDIO_RETRY_AFTER_MAX"],
         health_timeout=min(2.0, config["LM_STUDIO_TIMEOUT"]),
         on_attempt=_record_attempt,
+        via=via,
     )
-    app.extensions[EXTENSION] = Upstream(client, config["HEALTH_CACHE_SECONDS"])
+    app.extensions[EXTENSION] = Upstream(client, config["HEALTH_CACHE_SECONDS"], via)
+    app.before_request(_refuse_loops)
 
 
 def get_upstream() -> Upstream:

@@ -11,12 +11,14 @@ from .client import (
     describe,
     parse_usage,
 )
+from .diagnosis import CAUSES, Cause, cause_of, explain
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
+    LMStudioLoopError,
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioServerError,
@@ -32,6 +34,8 @@ from .sse import SSEEvent
 from .stream import UpstreamStream
 
 __all__ = [
+    "CAUSES",
+    "Cause",
     "ChatResult",
     "HealthReport",
     "LMStudioAuthError",
@@ -40,6 +44,7 @@ __all__ = [
     "LMStudioConnectTimeoutError",
     "LMStudioConnectionError",
     "LMStudioError",
+    "LMStudioLoopError",
     "LMStudioProtocolError",
     "LMStudioRequestError",
     "LMStudioServerError",
@@ -53,6 +58,8 @@ __all__ = [
     "SSEEvent",
     "UpstreamStream",
     "Usage",
+    "cause_of",
     "describe",
+    "explain",
     "parse_usage",
 ]

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import requests
 
@@ -64,8 +64,10 @@ class UpstreamStream:
         first_token_timeout: float,
         idle_timeout: float,
         total_timeout: float,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.response = response
+        self._on_close = on_close
         self.request_id = response.headers.get("x-request-id")
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
@@ -141,6 +143,9 @@ class UpstreamStream:
         if self._closed.is_set():
             return
         self._closed.set()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
         # shutdown() wakes the reader blocked in recv(); close() alone does not.
         with contextlib.suppress(Exception):
             self.response.raw.shutdown()
