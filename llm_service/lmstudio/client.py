@@ -20,7 +20,6 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
 from .diagnosis import explain
-
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
@@ -31,7 +30,6 @@ from .errors import (
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioServerError,
-    LMStudioStatusError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import LMStudioError
 
-TOKEN = "LLM_SERVICE_LM_STUDIO_API_TOKEN"
+TOKEN_SETTING = "LLM_SERVICE_LM_STUDIO_API_TOKEN"  # noqa: S105 - a name, not a secret
 ADDRESS = "LLM_SERVICE_LM_STUDIO_URL (or _HOST and _PORT)"
 
 
@@ -57,7 +57,7 @@ CAUSES: dict[str, Cause] = {
         Cause(
             "auth",
             "the upstream requires a valid API token (HTTP 401/403)",
-            f"set {TOKEN} to a token from LM Studio's server settings "
+            f"set {TOKEN_SETTING} to a token from LM Studio's server settings "
             "(Developer tab, Require Authentication)",
         ),
         Cause(
