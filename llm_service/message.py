@@ -54,6 +54,12 @@ def chat_payload(data: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def answering_model(reported: str) -> str:
+    """The model that answered, rather than an echo of the requested name."""
+    sole = get_upstream().sole_model()
+    return sole if sole is not None and reported != sole else reported
+
+
 def answer(
     text: str,
     model: str,
@@ -65,7 +71,7 @@ def answer(
     return response_schema.dump(
         {
             "response": text,
-            "model": model,
+            "model": answering_model(model),
             "tokens_used": usage.total if usage else None,
             "processing_time": round(time.perf_counter() - started, 4),
             "correlation_id": correlation_id(),

@@ -32,6 +32,7 @@ class Upstream:
         self._report: HealthReport | None = None
         self._probed_at = 0.0
         self._last_models: list[str] = []
+        self._last_server: str | None = None
 
     def health(self) -> HealthReport:
         """Return a probe no older than ``cache_seconds``; one probe at a time."""
@@ -44,6 +45,7 @@ class Upstream:
                     report.models = list(self._last_models)
                 elif report.reachable:
                     self._last_models = report.servable_models
+                    self._last_server = report.server
                 self._report = report
                 self._probed_at = time.monotonic()
             return self._report
@@ -60,6 +62,19 @@ class Upstream:
             return report.servable_models
         with self._lock:
             return list(self._last_models)
+
+    def sole_model(self) -> str | None:
+        """The one model a non-LM Studio server serves, whatever a request names.
+
+        llama.cpp's server answers every request with its one model but echoes
+        the requested name in ``model``; this is what really answered. None when
+        unknown (no probe yet), several models, or LM Studio (which reports the
+        answering model itself). Never probes.
+        """
+        with self._lock:
+            if self._last_server == "lmstudio" or len(self._last_models) != 1:
+                return None
+            return self._last_models[0]
 
     def forget_health(self) -> None:
         """Drop the cached probe (after the upstream said no model is loaded)."""

@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -69,6 +70,11 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "stream_error": frozenset({"after", "error"}),
     "stream_cut": frozenset({"after"}),
     "slow_stream": frozenset({"interval"}),
+    # Not a model server at all: raw bytes that are not HTTP, then close.
+    "garbage": frozenset({"data"}),
+    # A plain web server (nginx, python -m http.server) where the API should be:
+    # an HTML 404 for GET, an HTML 405 for other methods (or ``status``).
+    "web_server": frozenset({"status"}),
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_cut", "slow_stream"})
@@ -258,7 +264,13 @@ class FakeLMStudio:
       streaming, before the response).
     - ``idle_timeout``: seconds a keep-alive connection may idle (None: for ever).
     - ``unknown_model_status``: 404 (older LM Studio) or 400 (newer).
+    - ``embeddings``: False answers ``/v1/embeddings`` as llama-cpp-python's
+      server does without ``embedding=True`` (a 500 that explains why).
     - ``max_context_length``, ``max_connections``.
+
+    With ``lmstudio=False`` it also behaves like llama-cpp-python's FastAPI
+    server where that differs: an unknown path is ``404 {"detail": "Not
+    Found"}``, and an ``X-Request-ID`` that is not a UUID gets an empty 400.
     """
 
     def __init__(
@@ -278,6 +290,7 @@ class FakeLMStudio:
         unknown_model_status: int = 404,
         max_context_length: int = 8192,
         max_connections: int = 256,
+        embeddings: bool = True,
     ) -> None:
         if usage_mode not in _USAGE_MODES:
             raise ValueError(f"usage_mode must be one of {sorted(_USAGE_MODES)}")
@@ -295,6 +308,7 @@ class FakeLMStudio:
         self.unknown_model_status = unknown_model_status
         self.max_context_length = max_context_length
         self.max_connections = max_connections
+        self.embeddings = embeddings
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -732,6 +746,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.kind not in _STREAM_ONLY_KINDS and self._apply_fault(fault):
                 return
 
+        if not fake.lmstudio and not _is_uuid(self.headers.get("X-Request-ID")):
+            # starlette-context's RequestIdPlugin: an empty 400, no body.
+            self._send_bytes(400, b"", "text/plain; charset=utf-8")
+            return
+
         if fake.api_token is not None:
             expected = f"Bearer {fake.api_token}"
             if self.headers.get("Authorization") != expected:
@@ -739,6 +758,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
         handler = self._route(route)
+        if handler is None and not fake.lmstudio:
+            self._send_json(404, {"detail": "Not Found"})
+            return
         if handler is None:
             message = f"Unexpected endpoint or method. ({self.command} {raw_path})"
             self._send_json(200, {"error": message})
@@ -814,6 +836,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"error": params.get("error", "Injected error")})
         elif kind == "reset":
             self._reset(rst=params.get("rst", False))
+        elif kind == "garbage":
+            data = params.get("data", "SSH-2.0-OpenSSH_9.2p1\r\n")
+            self._write(data.encode() if isinstance(data, str) else data)
+            self._reset(rst=False)
+        elif kind == "web_server":
+            status = params.get("status", 404 if self.command == "GET" else 405)
+            page = f"<html><body><h1>{status}</h1><hr>nginx</body></html>"
+            self._send_bytes(status, page.encode(), "text/html")
         return True
 
     def _reset(self, rst: bool) -> None:
@@ -897,6 +927,10 @@ class _Handler(BaseHTTPRequestHandler):
         loaded = list(fake.loaded)
         if isinstance(requested, str) and requested.startswith(FAULT_MODEL_PREFIX):
             requested = None  # the fault is the point; any loaded model answers
+        if not fake.lmstudio and loaded:
+            # llama-cpp-python serves its one model whatever is asked, and
+            # echoes the requested name back.
+            return requested or loaded[0]
         if requested and requested not in fake._all_models():
             status = fake.unknown_model_status
             if status == 404:
@@ -1067,6 +1101,16 @@ class _Handler(BaseHTTPRequestHandler):
         raise _Abort
 
     def _embeddings(self, body: dict[str, Any], _fault: Fault | None) -> None:
+        if not self.fake.embeddings:
+            error = {
+                "message": "Llama model must be created with embedding=True to "
+                "call this method",
+                "type": "internal_server_error",
+                "param": None,
+                "code": None,
+            }
+            self._send_json(500, {"error": error})
+            return
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -1147,6 +1191,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, data: bytes) -> None:
         # wfile is unbuffered (wbufsize 0): each write reaches the socket now.
         self.wfile.write(data)
+
+
+def _is_uuid(value: str | None) -> bool:
+    """True for no value or a UUID: what llama-cpp-python accepts as a request id."""
+    if value is None:
+        return True
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _invalid_api_key() -> dict[str, Any]:
