@@ -410,8 +410,9 @@ def check_not_self(upstream_url: str, bind: str) -> None:
     if looped:
         raise ConfigError(
             f"the upstream URL ({parts.scheme}://{parts.hostname}:{upstream_port}) "
-            f"is this gateway's own address ({bind}): point {ENV_PREFIX}_LM_STUDIO_URL (or _HOST/_PORT) at the "
-            "model server, or serve the gateway on another port."
+            f"is this gateway's own address ({bind}): point "
+            f"{ENV_PREFIX}_LM_STUDIO_URL (or _HOST/_PORT) at the model server, "
+            "or serve the gateway on another port."
         )
 
 

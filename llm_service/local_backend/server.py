@@ -131,9 +131,9 @@ def port_holder(port: int) -> str | None:
         for row in rows:
             fields = row.split()
             # fields: sl, local address (hex ip:port), remote, state (0A: LISTEN)...
-            if len(fields) > 9 and fields[3] == "0A":
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(f"socket:[{fields[9]}]")
+            listening = len(fields) > 9 and fields[3] == "0A"
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return None
     for process in Path("/proc").iterdir():
