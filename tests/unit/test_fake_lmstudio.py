@@ -179,8 +179,10 @@ def test_llama_cpp_mode_has_no_lmstudio_paths(path):
 def test_llama_cpp_mode_accepts_only_uuid_request_ids():
     with FakeLMStudio(lmstudio=False) as server:
         url = server.url + "/v1/models"
-        refused = requests.get(url, headers={"X-Request-ID": "my-request-1"}, timeout=5)
-        accepted = requests.get(url, headers={"X-Request-ID": str(uuid.uuid4())})
+        refused = requests.get(url, headers={"X-Request-ID": "my-1"}, timeout=5)
+        accepted = requests.get(
+            url, headers={"X-Request-ID": str(uuid.uuid4())}, timeout=5
+        )
     assert (refused.status_code, refused.content) == (400, b"")
     assert refused.reason == "Bad Request"
     assert accepted.status_code == 200
