@@ -266,11 +266,14 @@ class FakeLMStudio:
     - ``unknown_model_status``: 404 (older LM Studio) or 400 (newer).
     - ``embeddings``: False answers ``/v1/embeddings`` as llama-cpp-python's
       server does without ``embedding=True`` (a 500 that explains why).
+
     - ``max_context_length``, ``max_connections``.
 
     With ``lmstudio=False`` it also behaves like llama-cpp-python's FastAPI
     server where that differs: an unknown path is ``404 {"detail": "Not
-    Found"}``, and an ``X-Request-ID`` that is not a UUID gets an empty 400.
+    Found"}``, an ``X-Request-ID`` that is not a UUID gets an empty 400, any
+    model name is answered by the loaded model (and echoed back), and
+    ``/v1/models`` waits while a generation is under way.
     """
 
     def __init__(
@@ -319,6 +322,7 @@ class FakeLMStudio:
         self._threads: set[threading.Thread] = set()
         self._ids = itertools.count(1)
         self._completion_ids = itertools.count(1)
+        self._generations = 0  # generations under way
 
         self._listen_lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
@@ -893,6 +897,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"lmstudio": True})
 
     def _models(self, _body: Any, _fault: Fault | None) -> None:
+        fake = self.fake
+        if not fake.lmstudio:
+            # llama-cpp-python's server runs one request at a time: /v1/models
+            # waits until the generation under way has finished.
+            while fake._generations:
+                if not self._wait(_POLL_SECONDS):
+                    raise _Abort
         data = [
             {"id": model, "object": "model", "owned_by": "organization_owner"}
             for model in self.fake._all_models()
@@ -974,6 +985,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._generate("text", body, _count_words(str(prompt)), fault)
 
     def _generate(
+        self, kind: str, body: dict[str, Any], prompt_tokens: int, fault: Fault | None
+    ) -> None:
+        with self.fake._lock:
+            self.fake._generations += 1
+        try:
+            self._generate_answer(kind, body, prompt_tokens, fault)
+        finally:
+            with self.fake._lock:
+                self.fake._generations -= 1
+
+    def _generate_answer(
         self, kind: str, body: dict[str, Any], prompt_tokens: int, fault: Fault | None
     ) -> None:
         model = self._resolve_model(body.get("model"))
