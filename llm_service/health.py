@@ -1,4 +1,4 @@
-"""Blueprint: ``/``, ``/health``, ``/health/live`` and ``/health/ready``."""
+"""The service itself: ``/``, ``/health``, ``/health/live`` and ``/health/ready``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Blueprint: ``POST /llm/message``, the seed's chat contract (also streamed)."""
+"""``POST /llm/message``: send a conversation, get the model's answer (or a stream)."""
 
 from __future__ import annotations
 

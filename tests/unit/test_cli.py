@@ -154,7 +154,8 @@ def test_check_reports_a_chained_gateway(runner, upstream):
     assert result.exit_code == 1
 
 
-def test_check_output_has_no_log_lines(runner, upstream, capsys):
+def test_check_output_has_no_log_lines(capsys, runner, upstream):
+    # capsys first: the app (and its log handler) is built while it captures.
     # The generation is retried once: that retry must not print a JSON log line.
     upstream.get(MODELS, json={"data": [{"id": "gemma"}]})
     upstream.get(f"{UPSTREAM}/lmstudio-greeting", status=404)
