@@ -17,6 +17,7 @@ PYTEST_ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+		sed -e 's/$$(HOST)/$(HOST)/g' -e 's/$$(PORT)/$(PORT)/g' | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
@@ -30,7 +31,7 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
-run: $(STAMP) ## serve on http://$(HOST):$(PORT) (starts a local model server if none answers)
+run: $(STAMP) ## serve on http://$(HOST):$(PORT) (starts the bundled model server when nothing listens)
 	@GUNICORN_BIND=$(HOST):$(PORT) $(PY) scripts/run_gateway.py
 
 local-llm: $(STAMP) ## run the bundled llama.cpp model server on 127.0.0.1:1234 (foreground)
@@ -40,7 +41,7 @@ run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
 		$(BIN)/flask --debug run --host $(HOST) --port $(PORT) --reload
 
-test: $(STAMP) system-packages model-server-install ## every test: unit, integration, browser, fuzz and live
+test: $(STAMP) system-packages model-server-install ## every test (unit, integration, browser, fuzz, live); installs Chromium, Redis, the bundled model
 	@$(BIN)/pytest tests $(PYTEST_ARGS)
 
 # The live tests use the configured upstream when it answers, else the bundled
@@ -108,7 +109,7 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	@touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, bare Flask, LiteLLM (~15 min)
+bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, bare Flask, LiteLLM (10-15 min)
 	@bash bench/install-tools.sh
 	@$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from llm_service import create_app
-from llm_service.config import ConfigError
+from llm_service.config import ConfigError, unknown_variables
 
 load_dotenv(os.environ.get("LLM_SERVICE_ENV_FILE") or Path(__file__).with_name(".env"))
+for warning in unknown_variables(os.environ):
+    sys.stderr.write(f"llm-service: warning: {warning}\n")
 
 try:
     app = create_app()

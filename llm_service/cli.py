@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from .lmstudio import LMStudioAuthError, LMStudioError, describe
+from .lmstudio import CAUSES, HealthReport, LMStudioError, cause_of, describe
+from .logs import ROOT_LOGGER
 from .upstream import get_upstream
 
 lmstudio = AppGroup("lmstudio", help="Check the connection to LM Studio.")
+
+#: The step of ``check`` each cause of a failed probe belongs to.
+_STEP_OF_CAUSE = {"auth": "auth", "not_openai": "server", "loop": "server"}
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Keep the package's log lines (retry warnings...) out of the report."""
+    logger = logging.getLogger(ROOT_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _advice(report: HealthReport) -> str:
+    return CAUSES[report.cause].advice if report.cause in CAUSES else ""
 
 
 @lmstudio.command("ping")
 def ping() -> None:
     """Probe the upstream once: URL, latency and model count."""
-    report = get_upstream().client.probe()
+    with _quiet_logs():
+        report = get_upstream().client.probe()
     if not report.reachable:
         click.echo(f"FAIL {report.url}: {report.error}", err=True)
+        if _advice(report):
+            click.echo(f"  -> {_advice(report)}", err=True)
         raise SystemExit(1)
     click.echo(
         f"OK {report.url} ({report.server}) in {report.latency_ms:.1f} ms, "
@@ -41,9 +67,9 @@ class _Steps:
         click.echo(f"[FAIL] {step}: {detail}")
         click.echo(f"       -> {advice}")
 
-    def warn(self, step: str, detail: str, advice: str) -> None:
-        click.echo(f"[warn] {step}: {detail}")
-        click.echo(f"       -> {advice}")
+    def cause(self, step: str, cause: str, detail: str | None = None) -> None:
+        """Fail ``step`` for ``cause``, with the cause's own advice."""
+        self.fail(step, detail or CAUSES[cause].summary, CAUSES[cause].advice)
 
 
 @lmstudio.command("check")
@@ -53,32 +79,37 @@ class _Steps:
     help="Also ask the model for a one-token answer.",
 )
 def check(generate: bool) -> None:
-    """Diagnose the upstream step by step; exit non-zero when a step fails."""
+    """Diagnose the upstream step by step; exit non-zero when a step fails.
+
+    Each failure is named by its cause (DNS, refused, timeout, token, not an
+    OpenAI-compatible server, rate limited, no model, a loop...) with the advice
+    that ``make run``, ``/health`` and the API's errors give for it.
+    """
+    with _quiet_logs():
+        steps = _diagnose(generate)
+    if steps.failed:
+        raise SystemExit(1)
+    click.echo("All checks passed.")
+
+
+def _diagnose(generate: bool) -> _Steps:
     client = get_upstream().client
     steps = _Steps()
     url = client.base_url
 
     started = time.perf_counter()
-    try:
-        models = client.list_models()
-    except LMStudioAuthError:
-        steps.ok("connect", f"{url} answers")
-        steps.fail(
-            "auth",
-            "the server requires a valid API token",
-            "set LLM_SERVICE_LM_STUDIO_API_TOKEN to a token from LM Studio's "
-            "server settings",
-        )
-        raise SystemExit(1) from None
-    except LMStudioError as err:
-        steps.fail(
-            "connect",
-            f"{url}: {describe(err)}",
-            "start LM Studio's server (Developer tab, or `lms server start`), or "
-            "`make local-llm`; check LLM_SERVICE_LM_STUDIO_HOST/PORT/URL",
-        )
-        raise SystemExit(1) from None
+    report = client.probe()
     elapsed_ms = (time.perf_counter() - started) * 1000
+    if not report.reachable:
+        cause = report.cause or "unreachable"
+        step = _STEP_OF_CAUSE.get(cause, "connect")
+        if step != "connect":
+            steps.ok("connect", f"{url} answers")
+        steps.fail(step, f"{url}: {report.error}", _advice(report))
+        return steps
+    if report.busy:
+        steps.ok("connect", f"{url} is busy generating (it answers between requests)")
+        return steps
     steps.ok("connect", f"{url} answered /v1/models in {elapsed_ms:.1f} ms")
     steps.ok(
         "auth",
@@ -87,12 +118,14 @@ def check(generate: bool) -> None:
         else "no token needed",
     )
 
-    report = client.probe()
-    if report.server == "lmstudio":
+    if report.chained:
+        steps.cause("server", "chained", f"{url} is another llm-service gateway")
+    elif report.server == "lmstudio":
         steps.ok("server", "LM Studio")
     else:
         steps.ok("server", "an OpenAI-compatible server (not LM Studio)")
 
+    models = report.models
     if not models:
         steps.fail("models", "none listed", "download a model in LM Studio")
     else:
@@ -101,11 +134,7 @@ def check(generate: bool) -> None:
         if report.loaded:
             steps.ok("loaded", ", ".join(report.loaded))
         else:
-            steps.warn(
-                "loaded",
-                "no model is loaded",
-                "load one (`lms load <model>`), or rely on just-in-time loading",
-            )
+            steps.cause("loaded", "no_model")
 
     if generate and models:
         model = (report.servable_models or models)[0]
@@ -119,17 +148,10 @@ def check(generate: bool) -> None:
                 }
             )
         except LMStudioError as err:
-            steps.fail(
-                "generate",
-                describe(err),
-                "check the model loads in LM Studio and fits in memory",
-            )
+            steps.fail("generate", describe(err), cause_of(err).advice)
         else:
             steps.ok("generate", f"{result.model} answered ({result.finish_reason})")
-
-    if steps.failed:
-        raise SystemExit(1)
-    click.echo("All checks passed.")
+    return steps
 
 
 def init_app(app: Flask) -> None:

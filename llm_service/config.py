@@ -8,13 +8,19 @@ come from it.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "LLM_SERVICE"
+#: Variables with the prefix that are read outside :data:`SETTINGS`: the file
+#: ``wsgi.py`` loads, and the bundled model server's cache directory.
+OTHER_VARIABLES = ("ENV_FILE", "LOCAL_CACHE_DIR")
 
 
 class ConfigError(ValueError):
@@ -373,3 +379,75 @@ def upstream_base_url(config: dict) -> str:
         url = f"http://{host}:{config['LM_STUDIO_PORT']}"
     url = url.rstrip("/")
     return url.removesuffix("/v1")
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """Return a warning for each ``LLM_SERVICE_*`` name that nothing reads.
+
+    A typo (``LLM_SERVICE_LM_STUDIO_PROT``) would otherwise be ignored in
+    silence; the warning names the closest real variable.
+    """
+    known = [setting.name for setting in SETTINGS] + list(OTHER_VARIABLES)
+    warnings = []
+    for name in sorted(names):
+        if not name.startswith(f"{ENV_PREFIX}_"):
+            continue
+        short = name.removeprefix(f"{ENV_PREFIX}_")
+        if short in known:
+            continue
+        warning = f"{name} is not a setting and is ignored"
+        close = difflib.get_close_matches(short, known, n=1, cutoff=0.6)
+        if close:
+            warning += f": did you mean {ENV_PREFIX}_{close[0]}?"
+        warnings.append(warning)
+    return warnings
+
+
+def check_not_self(upstream_url: str, bind: str) -> None:
+    """Raise :class:`ConfigError` when ``upstream_url`` reaches ``bind`` itself.
+
+    ``bind`` is gunicorn's ``host:port``. A gateway whose upstream is its own
+    address would call itself until its threads and time budget run out.
+    """
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    parts = urlsplit(upstream_url)
+    if not port.isdigit() or not parts.hostname:
+        return  # a unix socket, or nothing to compare
+    upstream_port = parts.port or (443 if parts.scheme == "https" else 80)
+    if int(port) != upstream_port:
+        return
+    targets = _addresses(parts.hostname)
+    if host in {"", "0.0.0.0", "::"}:
+        looped = any(_is_this_machine(address) for address in targets)
+    else:
+        looped = bool(targets & _addresses(host))
+    if looped:
+        raise ConfigError(
+            f"the upstream URL ({parts.scheme}://{parts.hostname}:{upstream_port}) "
+            f"is this gateway's own address ({bind}): point "
+            f"{ENV_PREFIX}_LM_STUDIO_URL (or _HOST/_PORT) at the model server, "
+            "or serve the gateway on another port."
+        )
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
+def _is_this_machine(address: str) -> bool:
+    """True for a loopback address or one of this machine's own addresses."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))  # only an address of ours can be bound
+        except OSError:
+            return False
+    return True

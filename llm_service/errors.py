@@ -22,15 +22,18 @@ from .lmstudio import (
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
+    LMStudioLoopError,
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioResponseTooLargeError,
+    LMStudioServerError,
     LMStudioStreamCutError,
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
+    cause_of,
 )
 from .pipeline import correlation_id
 from .upstream import get_upstream
@@ -170,6 +173,18 @@ def _http_failure(error: HTTPException) -> Failure:
 
 
 def _upstream_failure(error: LMStudioError) -> Failure:
+    """The failure for an upstream error, with its cause in ``details.cause``.
+
+    The cause is the one :mod:`.lmstudio.diagnosis` names, the same word
+    ``/health``, ``make run`` and ``flask lmstudio check`` use.
+    """
+    failure = _upstream_status(error)
+    if failure.details is None:
+        failure.details = {"cause": cause_of(error).name}
+    return failure
+
+
+def _upstream_status(error: LMStudioError) -> Failure:
     retry_later = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
     if isinstance(error, ModelNotFoundError):
         return Failure(404, "model_not_found", error.message)
@@ -182,6 +197,8 @@ def _upstream_failure(error: LMStudioError) -> Failure:
             "model it can load).",
             headers=retry_later,
         )
+    if isinstance(error, LMStudioLoopError):
+        return Failure(508, "upstream_loop", error.message)
     if isinstance(error, LMStudioAuthError):
         return Failure(
             502,
@@ -202,7 +219,7 @@ def _upstream_failure(error: LMStudioError) -> Failure:
         return Failure(
             503,
             "upstream_unavailable",
-            "The upstream model server is not reachable.",
+            f"The upstream model server is not reachable: {cause_of(error).summary}.",
             headers=retry_later,
         )
     if isinstance(error, LMStudioBusyError):
@@ -227,6 +244,11 @@ def _upstream_failure(error: LMStudioError) -> Failure:
         return Failure(502, "upstream_response_too_large", error.message)
     if isinstance(error, LMStudioProtocolError):
         return Failure(502, "upstream_invalid_response", error.message)
+    if isinstance(error, LMStudioServerError) and not error.retryable:
+        # A failure the upstream explained and that a retry would repeat.
+        return Failure(
+            502, "upstream_error", f"The upstream model server failed: {error.message}"
+        )
     return Failure(502, "upstream_error", "The upstream model server failed to answer.")
 
 

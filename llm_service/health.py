@@ -1,4 +1,4 @@
-"""Blueprint: ``/``, ``/health``, ``/health/live`` and ``/health/ready``."""
+"""The service itself: ``/``, ``/health``, ``/health/live`` and ``/health/ready``."""
 
 from __future__ import annotations
 
@@ -29,27 +29,48 @@ def _uptime() -> float:
     return round(time.monotonic() - current_app.extensions[_STARTED_AT], 3)
 
 
+#: The error code /health answers for a cause, as the API would answer it.
+_CAUSE_CODES = {
+    "auth": "upstream_auth_failed",
+    "not_openai": "upstream_invalid_response",
+    "not_http": "upstream_invalid_response",
+    "loop": "upstream_loop",
+}
+
+
 def _upstream_view(report: HealthReport) -> dict:
     return {
         "url": report.url,
         "reachable": report.reachable,
+        "busy": report.busy,
         "latency_ms": report.latency_ms,
         "server": report.server,
         "models": report.models,
         "loaded_models": report.loaded,
         "error": report.error,
+        "cause": report.cause,
     }
 
 
+#: Causes that mean nothing answered at all.
+_UNREACHABLE = frozenset({"dns", "refused", "unreachable", "timeout"})
+
+
 def _unreachable(report: HealthReport) -> str:
-    return f"LM Studio is not reachable at {report.url}: {report.error}"
+    if report.cause in _UNREACHABLE:
+        return f"The upstream at {report.url} is not reachable: {report.error}"
+    return f"The upstream at {report.url} answers but cannot serve: {report.error}"
 
 
-def _answer(body: dict, healthy: bool, code: str, reason: str | None) -> Response:
+def _answer(
+    body: dict, healthy: bool, code: str, reason: str | None, cause: str | None
+) -> Response:
     body["correlation_id"] = correlation_id()
     if healthy:
         return jsonify(body)
     body["error"] = {"code": code, "message": reason}
+    if cause:
+        body["error"]["details"] = {"cause": cause}
     response = jsonify(body)
     response.status_code = 503
     response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
@@ -78,16 +99,26 @@ def index():
 @bp.get("/health")
 @documented(answers={200: HealthSchema, 503: HealthSchema})
 def health():
-    """Report the service and its upstream; 503 when the upstream does not answer."""
+    """Report the service and its upstream; 503 when the upstream does not answer.
+
+    A model server busy generating for this gateway is up (``busy``), not down.
+    """
     report = get_upstream().health()
+    status = "busy" if report.busy else "ok"
     body = {
-        "status": "ok" if report.reachable else "unavailable",
+        "status": status if report.reachable else "unavailable",
         "service": SERVICE_NAME,
         "version": __version__,
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
     }
-    return _answer(body, report.reachable, "upstream_unavailable", _unreachable(report))
+    return _answer(
+        body,
+        report.reachable,
+        _CAUSE_CODES.get(report.cause or "", "upstream_unavailable"),
+        _unreachable(report),
+        report.cause,
+    )
 
 
 @bp.get("/health/live")
@@ -113,8 +144,10 @@ def ready():
     }
     if not report.reachable:
         reason = _unreachable(report)
-        code = "upstream_unavailable"
+        code = _CAUSE_CODES.get(report.cause or "", "upstream_unavailable")
+        cause = report.cause
     else:
         reason = "The upstream has no model loaded."
         code = "no_model_loaded"
-    return _answer(body, report.ready, code, reason)
+        cause = "no_model"
+    return _answer(body, report.ready, code, reason, cause)

@@ -1,4 +1,4 @@
-"""Blueprint: ``POST /llm/message``, the seed's chat contract (also streamed)."""
+"""``POST /llm/message``: send a conversation, get the model's answer (or a stream)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 from flask import Blueprint, Response, current_app
 
 from .lmstudio import (
-    LMStudioConnectionError,
     NoModelLoadedError,
     SSEEvent,
     Usage,
@@ -36,9 +35,12 @@ def resolve_model(requested: str | None) -> str:
     models = upstream.servable_models()
     if models:
         return models[0]
-    report = upstream.health()
-    if not report.reachable:
-        raise LMStudioConnectionError(f"Upstream not reachable: {report.error}")
+    if not upstream.health().reachable:
+        # Ask the way a request naming a model would (with its retries), so a
+        # bad token, a wrong path or a web server fail with their own codes.
+        models = upstream.client.list_models(correlation_id=correlation_id())
+        if models:
+            return models[0]
     raise NoModelLoadedError("The upstream lists no model that can answer.")
 
 
@@ -49,6 +51,12 @@ def chat_payload(data: dict[str, Any]) -> dict[str, Any]:
     payload.setdefault("max_tokens", current_app.config["DEFAULT_MAX_TOKENS"])
     payload["stream"] = False
     return payload
+
+
+def answering_model(reported: str) -> str:
+    """The model that answered, rather than an echo of the requested name."""
+    sole = get_upstream().sole_model()
+    return sole if sole is not None and reported != sole else reported
 
 
 def answer(
@@ -62,7 +70,7 @@ def answer(
     return response_schema.dump(
         {
             "response": text,
-            "model": model,
+            "model": answering_model(model),
             "tokens_used": usage.total if usage else None,
             "processing_time": round(time.perf_counter() - started, 4),
             "correlation_id": correlation_id(),

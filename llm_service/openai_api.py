@@ -1,4 +1,4 @@
-"""Blueprint: the OpenAI-compatible ``/v1`` API, relayed to the upstream.
+"""The OpenAI-compatible ``/v1`` API, relayed to the upstream.
 
 A drop-in ``base_url`` for OpenAI SDKs: the gateway validates what it must
 understand, passes the rest through, and adds its pipeline (correlation IDs,

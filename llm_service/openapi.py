@@ -74,6 +74,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "upstream_busy": ((503,), "the upstream stayed overloaded through the retries"),
     "no_model_loaded": ((503,), "the upstream has no model loaded"),
     "upstream_timeout": ((504,), "the upstream did not answer in time"),
+    "upstream_loop": ((508,), "the upstream URL leads back to this gateway itself"),
     "upstream_first_token_timeout": (
         (504,),
         "a streamed answer did not start in time",
@@ -97,6 +98,7 @@ UPSTREAM_FAILURES = (
     "upstream_unavailable",
     "upstream_busy",
     "upstream_timeout",
+    "upstream_loop",
 )
 #: ... and when it cannot serve what the request asks for.
 UPSTREAM_ERRORS = (

@@ -23,6 +23,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 HSTS = "max-age=31536000; includeSubDomains"
+#: Identifies the gateway to whoever calls it, another llm-service included
+#: (``flask lmstudio check`` reports an upstream that answers with it).
+VIA = "1.1 llm-service"
 
 
 def correlation_id() -> str:
@@ -52,6 +55,7 @@ def _finish_response(response: Response) -> Response:
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     response.headers[CORRELATION_HEADER] = correlation_id()
     response.headers["X-Process-Time"] = f"{elapsed:.6f}"
+    response.headers["Via"] = VIA
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if request.is_secure:

@@ -138,7 +138,12 @@ class ErrorDetailSchema(Schema):
     )
     message = fields.String(required=True, metadata={"description": "For humans."})
     details = fields.Dict(
-        metadata={"description": "For `validation_error`: the messages per field."}
+        metadata={
+            "description": "For `validation_error`: the messages per field. For "
+            "upstream failures: `cause`, what went wrong (`dns`, `refused`, "
+            "`timeout`, `auth`, `not_openai`, `not_http`, `rate_limited`, "
+            "`no_model`, `loop`...; see the README)."
+        }
     )
 
 
@@ -163,6 +168,14 @@ class UpstreamHealthSchema(Schema):
 
     url = fields.String(required=True)
     reachable = fields.Boolean(required=True)
+    busy = fields.Boolean(
+        required=True,
+        metadata={
+            "description": "The probe timed out while the server was generating "
+            "for this gateway (llama.cpp answers `/v1/models` only between "
+            "generations): up, not down."
+        },
+    )
     latency_ms = fields.Float(required=True)
     server = fields.String(
         required=True,
@@ -177,13 +190,18 @@ class UpstreamHealthSchema(Schema):
         metadata={"description": "Null when the server cannot tell (llama.cpp)."},
     )
     error = fields.String(required=True, allow_none=True)
+    cause = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "What went wrong, as in the errors' `details.cause`."},
+    )
 
 
 class HealthSchema(Schema):
     """Answer of ``GET /health``; a 503 adds ``error``."""
 
     status = fields.String(
-        required=True, validate=validate.OneOf(("ok", "unavailable"))
+        required=True, validate=validate.OneOf(("ok", "busy", "unavailable"))
     )
     service = fields.String(required=True)
     version = fields.String(required=True)

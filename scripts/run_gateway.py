@@ -1,14 +1,19 @@
 """``make run``: serve the gateway, with a local model server when none answers.
 
-When nothing answers at the configured upstream URL, the URL is on this machine
-and ``LLM_SERVICE_LOCAL_BACKEND`` is not ``off``, the bundled llama.cpp server
-(Gemma 3 270M) is installed if needed and started there first, and stopped again
-when the gateway stops. Production (gunicorn with gunicorn.conf.py) never does
-this: only this script does.
+Before anything starts, the gateway's own port must be free (else: which
+process holds it) and the upstream URL must not be the gateway's own address.
+Then the upstream is probed and its state named with the same causes as
+``/health`` and ``flask lmstudio check``. Only when *nothing listens* at a
+loopback upstream URL (and ``LLM_SERVICE_LOCAL_BACKEND`` is not ``off``) is the
+bundled llama.cpp server (Gemma 3 270M) installed if needed and started there,
+and stopped again when the gateway stops: a server that answers "token needed"
+or "not found" is a misconfiguration to report, not a reason to start another.
+Production (gunicorn with gunicorn.conf.py) never does this: only this script.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -23,11 +28,30 @@ sys.path.insert(0, str(ROOT))
 
 from llm_service import create_app  # noqa: E402
 from llm_service import local_backend as backend  # noqa: E402
-from llm_service.config import ConfigError  # noqa: E402
+from llm_service.config import ConfigError, check_not_self  # noqa: E402
+from llm_service.lmstudio import CAUSES, HealthReport  # noqa: E402
+from llm_service.logs import ROOT_LOGGER  # noqa: E402
+from llm_service.upstream import EXTENSION  # noqa: E402
+
+EXIT_CONFIG = 3
+EXIT_BACKEND = 4
+EXIT_PORT_BUSY = 5
+
+#: Printed whenever the gateway will talk to the bundled model.
+SMALL_MODEL_WARNING = (
+    f"note: the bundled model ({backend.MODEL_ALIAS}) is a plumbing test, not a "
+    "useful assistant: it shows that requests flow end to end, and its answers "
+    "are often wrong. For real use, point the gateway at LM Studio with a real "
+    "model (LLM_SERVICE_LM_STUDIO_URL)."
+)
 
 
 def say(message: str) -> None:
     print(f">> {message}", flush=True)
+
+
+def fail(message: str) -> None:
+    print(f"llm-service: {message}", file=sys.stderr, flush=True)
 
 
 def start_local_backend(url: str) -> backend.LocalModelServer | None:
@@ -36,14 +60,14 @@ def start_local_backend(url: str) -> backend.LocalModelServer | None:
     host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
     try:
         backend.require_loopback_host(host)
-    except backend.LocalBackendError:
+    except ValueError:
         say(
-            f"no model server answers at {url} (not on this machine, so nothing "
-            "is started): /llm/message answers 503 until it does"
+            f"nothing listens at {url} (not on this machine, so nothing is "
+            "started): /llm/message answers 503 until something does"
         )
         return None
     say(
-        f"no LM Studio at {url}: starting the bundled model server "
+        f"nothing listens at {url}: starting the bundled model server "
         f"({backend.MODEL_ALIAS}, llama.cpp) there; "
         "set LLM_SERVICE_LOCAL_BACKEND=off to skip"
     )
@@ -59,31 +83,71 @@ def start_local_backend(url: str) -> backend.LocalModelServer | None:
     return server
 
 
+def busy_port_message(bind: str) -> str | None:
+    """Say which process holds the gateway's port, or None when it is free."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or ":" in host:
+        return None  # a unix socket or IPv6: left to gunicorn
+    if backend.port_is_free(host, int(port)):
+        return None
+    holder = backend.port_holder(int(port)) or "another process"
+    return (
+        f"cannot serve on http://{bind}: port {port} is in use by {holder}. "
+        "Stop it, or choose another port (make run PORT=8001)."
+    )
+
+
+def describe_upstream(report: HealthReport) -> str:
+    """One line on what the probe found wrong, with the advice for its cause."""
+    cause = CAUSES.get(report.cause or "")
+    advice = f" -> {cause.advice}" if cause else ""
+    return f"the model server at {report.url} cannot be used: {report.error}.{advice}"
+
+
 def main() -> int:
     load_dotenv(os.environ.get("LLM_SERVICE_ENV_FILE") or ROOT / ".env")
+    bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
     try:
-        config = create_app().config
+        app = create_app()
+        config = app.config
+        check_not_self(config["LM_STUDIO_BASE_URL"], bind)
     except ConfigError as err:
-        print(f"llm-service: configuration error: {err}", file=sys.stderr)
-        return 3
+        fail(f"configuration error: {err}")
+        return EXIT_CONFIG
+    busy = busy_port_message(bind)
+    if busy:
+        fail(busy)
+        return EXIT_PORT_BUSY
+
     url = config["LM_STUDIO_BASE_URL"]
+    # The probe's own retries and warnings are not news here: its verdict is.
+    logging.getLogger(ROOT_LOGGER).setLevel(logging.CRITICAL + 1)
+    report = app.extensions[EXTENSION].client.probe()
     server = None
-    if backend.is_model_server_up(url):
+    bundled = False
+    if report.reachable:
         say(f"using the model server at {url}")
+        bundled = backend.MODEL_ALIAS in report.models
+        if report.chained:
+            say(f"warning: {CAUSES['chained'].summary} -> {CAUSES['chained'].advice}")
+    elif report.cause != "refused":
+        say(describe_upstream(report))
+        say("the gateway starts anyway; /health says what is wrong until it is fixed")
     elif config["LOCAL_BACKEND"] == "off":
         say(
-            f"no model server answers at {url} and LLM_SERVICE_LOCAL_BACKEND=off: "
-            "/llm/message answers 503 until one runs"
+            f"nothing listens at {url} and LLM_SERVICE_LOCAL_BACKEND=off: "
+            "/llm/message answers 503 until something does"
         )
     else:
         try:
             server = start_local_backend(url)
         except backend.LocalBackendError as err:
-            print(
-                f"llm-service: the bundled model server failed: {err}", file=sys.stderr
-            )
-            return 4
-    bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+            fail(f"the bundled model server failed: {err}")
+            return EXIT_BACKEND
+        bundled = server is not None
+    if bundled:
+        say(SMALL_MODEL_WARNING)
     say(f"llm-service on http://{bind} (Ctrl-C to stop)")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

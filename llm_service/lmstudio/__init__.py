@@ -12,12 +12,14 @@ from .client import (
     describe,
     parse_usage,
 )
+from .diagnosis import CAUSES, Cause, cause_of, explain
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
+    LMStudioLoopError,
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioResponseTooLargeError,
@@ -34,6 +36,8 @@ from .sse import SSEEvent
 from .stream import UpstreamStream
 
 __all__ = [
+    "CAUSES",
+    "Cause",
     "ChatChunk",
     "ChatResult",
     "HealthReport",
@@ -43,6 +47,7 @@ __all__ = [
     "LMStudioConnectTimeoutError",
     "LMStudioConnectionError",
     "LMStudioError",
+    "LMStudioLoopError",
     "LMStudioProtocolError",
     "LMStudioRequestError",
     "LMStudioResponseTooLargeError",
@@ -57,7 +62,9 @@ __all__ = [
     "SSEEvent",
     "UpstreamStream",
     "Usage",
+    "cause_of",
     "describe",
+    "explain",
     "parse_usage",
     "read_chat_chunk",
 ]

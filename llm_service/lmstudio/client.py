@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import http.client
 import logging
 import random
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,19 +17,20 @@ from typing import Any
 import backoff
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
+from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
+    LMStudioLoopError,
     LMStudioProtocolError,
     LMStudioRequestError,
     LMStudioResponseTooLargeError,
     LMStudioServerError,
-    LMStudioStatusError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
@@ -42,6 +47,13 @@ BODY_EXCERPT = 300
 MESSAGE_LIMIT = 500
 #: Pieces in which an answer's body is read (and checked against the limit).
 BODY_READ_SIZE = 65536
+#: Statuses a server answers for a path or method it does not serve: the
+#: upstream URL points somewhere that is not an OpenAI-compatible server's root.
+NOT_SERVED_STATUSES = frozenset({404, 405, 501})
+#: The pseudonym every llm-service puts in its ``Via`` response header, so a
+#: gateway can tell when its upstream is another llm-service.
+VIA_PSEUDONYM = "llm-service"
+LOOP_CODE = "upstream_loop"
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
@@ -79,13 +91,20 @@ class HealthReport:
     #: Models known to be loaded; None when the server cannot tell (llama.cpp).
     loaded: list[str] | None = None
     error: str | None = None
+    #: The failure's cause (see :mod:`.diagnosis`), None when the probe passed.
+    cause: str | None = None
+    #: The probe timed out while this client had a generation in flight: a
+    #: server that runs one request at a time (llama.cpp's) is busy, not down.
+    busy: bool = False
+    #: The upstream answered with llm-service's ``Via``: another gateway.
+    chained: bool = False
 
     @property
     def ready(self) -> bool:
         """True when some model can answer a request now."""
         if not self.reachable:
             return False
-        return bool(self.loaded if self.loaded is not None else self.models)
+        return bool(self.servable_models)
 
     @property
     def servable_models(self) -> list[str]:
@@ -154,6 +173,7 @@ class LMStudioClient:
         max_response_bytes: int = 16 * 1024 * 1024,
         max_sse_line_bytes: int = 4 * 1024 * 1024,
         on_attempt: AttemptObserver | None = None,
+        via: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Largest answer body read; a larger one is refused, never read whole.
@@ -166,6 +186,8 @@ class LMStudioClient:
         self.retry_after_max = retry_after_max
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
+        self._flight_lock = threading.Lock()
+        self._generations = 0
         self.session = requests.Session()
         # requests re-reads proxies and ~/.netrc from the environment on every
         # call (about a fifth of its cost here): read them once, now.
@@ -183,6 +205,9 @@ class LMStudioClient:
         self.session.headers["Accept"] = "application/json"
         if api_token:
             self.session.headers["Authorization"] = f"Bearer {api_token}"
+        if via:
+            # A request that comes back with this pseudonym went round a loop.
+            self.session.headers["Via"] = f"1.1 {via}"
         self._call_with_retries = self._with_retries(self._attempt, retries)
         self._open_with_retries = self._with_retries(self._attempt_stream, retries)
 
@@ -203,6 +228,15 @@ class LMStudioClient:
     def close(self) -> None:
         """Close pooled connections."""
         self.session.close()
+
+    @property
+    def generations_in_flight(self) -> int:
+        """Requests (POSTs, streams until closed) this client is waiting on."""
+        return self._generations
+
+    def _track_generation(self, delta: int) -> None:
+        with self._flight_lock:
+            self._generations += delta
 
     # -- public calls --------------------------------------------------------
 
@@ -261,19 +295,25 @@ class LMStudioClient:
         Once this returns, nothing is retried: the caller may already have sent
         bytes to its own client.
         """
-        response = self._open_with_retries(
-            path,
-            {**payload, "stream": True},
-            correlation_id=correlation_id,
-            first_token_timeout=first_token_timeout,
-            deadline=time.monotonic() + self.retry_budget,
-        )
+        self._track_generation(1)
+        try:
+            response = self._open_with_retries(
+                path,
+                {**payload, "stream": True},
+                correlation_id=correlation_id,
+                first_token_timeout=first_token_timeout,
+                deadline=time.monotonic() + self.retry_budget,
+            )
+        except BaseException:
+            self._track_generation(-1)
+            raise
         return UpstreamStream(
             response,
             first_token_timeout=first_token_timeout,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
             max_line_bytes=self.max_sse_line_bytes,
+            on_close=lambda: self._track_generation(-1),
         )
 
     def list_models(self, *, correlation_id: str | None = None) -> list[str]:
@@ -301,15 +341,41 @@ class LMStudioClient:
         """Probe the upstream once, with the short health timeout and no retries."""
         started = time.perf_counter()
         timeout = self.health_timeout
+        busy_before = self.generations_in_flight > 0
         try:
-            body, _ = self._attempt("GET", "/v1/models", timeout=timeout)
+            response = self._send(
+                "GET",
+                "/v1/models",
+                json=None,
+                correlation_id=None,
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                deadline=None,
+            )
+            body, _ = self._parse(response)
             models = self._model_ids(body)
         except LMStudioError as err:
+            latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            if (
+                isinstance(err, LMStudioTimeoutError)
+                and not isinstance(err, LMStudioConnectTimeoutError)
+                and (busy_before or self.generations_in_flight > 0)
+            ):
+                # It accepted the connection and is working on our request.
+                return HealthReport(
+                    url=self.base_url,
+                    reachable=True,
+                    latency_ms=latency_ms,
+                    busy=True,
+                    error="busy: the model server is generating and answers "
+                    "/v1/models only between generations",
+                )
             return HealthReport(
                 url=self.base_url,
                 reachable=False,
-                latency_ms=round((time.perf_counter() - started) * 1000, 1),
+                latency_ms=latency_ms,
                 error=describe(err),
+                cause=err.cause,
             )
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         report = HealthReport(
@@ -318,6 +384,7 @@ class LMStudioClient:
             latency_ms=latency_ms,
             server="openai-compatible",
             models=models,
+            chained=_is_llm_service(response),
         )
         if self.is_lmstudio(timeout=timeout):
             report.server = "lmstudio"
@@ -445,7 +512,13 @@ class LMStudioClient:
         headers = {}
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
-            headers["X-Request-ID"] = correlation_id
+            # llama-cpp-python's server answers an empty 400 to an X-Request-ID
+            # that is not a UUID: send it only where every upstream accepts it.
+            if _is_uuid(correlation_id):
+                headers["X-Request-ID"] = correlation_id
+        generation = method == "POST" and not stream
+        if generation:
+            self._track_generation(1)
         try:
             response = self.session.request(
                 method,
@@ -473,12 +546,22 @@ class LMStudioClient:
                 raise LMStudioTimeoutError(
                     f"The upstream did not finish its answer within {read:g} s."
                 ) from err
-            raise LMStudioConnectionError("Could not connect to the upstream.") from err
+            cause, seen = _transport_cause(err)
+            if cause == "not_http":
+                raise LMStudioProtocolError(
+                    "The upstream's answer was not HTTP.", cause=cause, body=seen
+                ) from err
+            raise LMStudioConnectionError(
+                "Could not connect to the upstream.", cause=cause
+            ) from err
         except requests.RequestException as err:
             self._observe(None)
             raise LMStudioProtocolError(
-                "The upstream's answer was not valid HTTP."
+                "The upstream's answer was not valid HTTP.", cause="not_http"
             ) from err
+        finally:
+            if generation:
+                self._track_generation(-1)
         self._observe(response.status_code)
         if not fits:
             raise self._too_large(response)
@@ -524,36 +607,64 @@ class LMStudioClient:
         message, code = error_message(body)
         is_error_body = isinstance(body, dict) and "error" in body
         if status >= 400 or is_error_body:
-            raise self._status_error(
+            if not message:
+                # An empty (or shapeless) error body: its status text still
+                # says more than nothing ("Bad Request").
+                message = f"HTTP {status} {response.reason or ''}".strip()
+            error = self._status_error(
                 status,
-                message or response.reason or f"HTTP {status}",
+                message,
                 code,
+                path=response.request.path_url if response.request else None,
+                api_error=is_error_body,
                 body=response.text[:BODY_EXCERPT],
                 request_id=request_id,
                 retry_after=_retry_after_seconds(
                     response.headers.get("Retry-After"), self.retry_after_max
                 ),
             )
+            if status == 500 and _is_handler_exception(body):
+                # It explained itself: the same request fails the same way.
+                error.retryable = False
+            raise error
         if body is None:
+            content_type = response.headers.get("Content-Type", "")
             raise LMStudioProtocolError(
                 "The upstream's answer is not JSON.",
                 status=status,
                 body=response.text[:BODY_EXCERPT],
                 request_id=request_id,
+                # A web page where the API should be: another web server.
+                cause="not_openai" if "html" in content_type else None,
             )
         return body, request_id
 
     @staticmethod
     def _status_error(
-        status: int, message: str, code: str | None, **details: Any
+        status: int,
+        message: str,
+        code: str | None,
+        *,
+        path: str | None = None,
+        api_error: bool = False,
+        **details: Any,
     ) -> LMStudioError:
         """Pick the exception class for an error answer, by its body first.
 
         LM Studio's statuses vary between versions (model not found was 404, is
         now 400), so the body's code and message decide before the status does.
+        A 404, 405 or 501 without the API's ``{"error": ...}`` body comes from
+        something that does not serve the API at that path (``api_error``).
         """
         text = message[:MESSAGE_LIMIT]
         lowered = message.lower()
+        if code == LOOP_CODE or status == 508:
+            return LMStudioLoopError(
+                "The upstream is this gateway itself (the request came back to "
+                "it): its upstream URL must point at a model server.",
+                status=status,
+                **details,
+            )
         if "no models loaded" in lowered or "no model loaded" in lowered:
             return NoModelLoadedError(text, status=status, **details)
         if (
@@ -563,17 +674,22 @@ class LMStudioClient:
             or ("model" in lowered and "not found" in lowered)
         ):
             return ModelNotFoundError(text, status=status, **details)
-        if "unexpected endpoint" in lowered:
+        not_served = status in NOT_SERVED_STATUSES and not api_error
+        if "unexpected endpoint" in lowered or not_served:
+            where = f" {path}" if path else " this path"
             return LMStudioProtocolError(
-                "The upstream does not serve this path: check that the upstream URL "
-                "is the server's root (e.g. http://localhost:1234).",
+                f"The upstream does not serve{where} (HTTP {status}): the gateway's "
+                "upstream URL probably does not point at a model server's root "
+                "(e.g. http://localhost:1234).",
                 status=status,
+                cause="not_openai",
                 **details,
             )
         if status in (401, 403):
             return LMStudioAuthError(text, status=status, **details)
         if status in BUSY_STATUSES:
-            return LMStudioBusyError(text, status=status, **details)
+            cause = "rate_limited" if status == 429 else "busy"
+            return LMStudioBusyError(text, status=status, cause=cause, **details)
         if status in RETRY_STATUSES or status >= 500 or status < 400:
             # status < 400: a 200 with an error body of unknown meaning.
             return LMStudioServerError(text, status=status, **details)
@@ -620,16 +736,63 @@ def parse_usage(raw: Any) -> Usage | None:
 
 
 def describe(error: LMStudioError) -> str:
-    """Say in one line what went wrong, in words an operator can act on."""
-    if isinstance(error, LMStudioConnectionError):
-        return "connection failed: nothing is listening, or the connection was dropped"
-    if isinstance(error, LMStudioTimeoutError):
-        return "timed out waiting for the upstream"
-    if isinstance(error, LMStudioAuthError):
-        return (
-            "the upstream rejected the API token "
-            "(check LLM_SERVICE_LM_STUDIO_API_TOKEN)"
-        )
-    if isinstance(error, LMStudioStatusError) and error.status:
-        return f"HTTP {error.status}: {error.message}"
-    return error.message
+    """Say in one line what went wrong (see :func:`.diagnosis.explain`)."""
+    return explain(error)
+
+
+def _is_handler_exception(body: Any) -> bool:
+    """True for llama-cpp-python's answer to an exception in its handler.
+
+    Its server wraps what a request handler raised (``"Llama model must be
+    created with embedding=True"``) as ``500 {"error": {"type":
+    "internal_server_error", "message": ...}}``: deterministic, unlike a crash.
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    return (
+        isinstance(error, dict)
+        and error.get("type") == "internal_server_error"
+        and bool(error.get("message"))
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_llm_service(response: requests.Response) -> bool:
+    """True when ``response`` passed through an llm-service gateway."""
+    return VIA_PSEUDONYM in response.headers.get("Via", "")
+
+
+def _transport_cause(error: BaseException) -> tuple[str, str | None]:
+    """Name why a connection failed: ``dns``, ``refused``, ``not_http`` or other.
+
+    requests wraps urllib3's error, which wraps the socket's: walk the chain.
+    For ``not_http``, also return the start of what the upstream sent instead
+    (printable characters only), so ``/health`` can say what it saw.
+    """
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NameResolutionError | socket.gaierror):
+            return "dns", None
+        if isinstance(current, ConnectionRefusedError):
+            return "refused", None
+        if isinstance(current, http.client.RemoteDisconnected):
+            return "unreachable", None  # a stale keep-alive socket: retried
+        if isinstance(current, http.client.BadStatusLine):
+            line = str(current.args[0]) if current.args else ""
+            return "not_http", "".join(c for c in line if c.isprintable())[:40]
+        if isinstance(current, http.client.LineTooLong):
+            return "not_http", None
+        pending.extend([current.__cause__, current.__context__, *current.args])
+        pending.append(getattr(current, "reason", None))
+    return "unreachable", None

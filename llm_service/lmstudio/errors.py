@@ -11,9 +11,15 @@ from typing import Any
 
 
 class LMStudioError(Exception):
-    """Root of every failure the LM Studio client raises."""
+    """Root of every failure the LM Studio client raises.
+
+    ``cause`` names the failure in the shared vocabulary of
+    :mod:`~llm_service.lmstudio.diagnosis` (``dns``, ``refused``, ``auth``...):
+    each class has a default, and the client sets a finer one where it can tell.
+    """
 
     retryable = False
+    cause = "upstream_error"
 
     def __init__(
         self,
@@ -23,8 +29,11 @@ class LMStudioError(Exception):
         body: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        cause: str | None = None,
     ) -> None:
         super().__init__(message)
+        if cause is not None:
+            self.cause = cause
         self.message = message
         #: HTTP status the upstream answered with, when it answered.
         self.status = status
@@ -45,10 +54,13 @@ class LMStudioConnectionError(LMStudioError):
     """
 
     retryable = True
+    cause = "unreachable"
 
 
 class LMStudioConnectTimeoutError(LMStudioConnectionError):
     """The upstream did not accept the connection in time. Safe to retry."""
+
+    cause = "timeout"
 
 
 class LMStudioTimeoutError(LMStudioError):
@@ -57,6 +69,8 @@ class LMStudioTimeoutError(LMStudioError):
     Not retried: the model may still be working on it.
     """
 
+    cause = "timeout"
+
 
 class LMStudioProtocolError(LMStudioError):
     """The upstream answered with something that is not the API we speak.
@@ -64,6 +78,8 @@ class LMStudioProtocolError(LMStudioError):
     Includes bodies that are not JSON, JSON without the expected fields, and
     LM Studio's ``200 {"error": "Unexpected endpoint ..."}`` for a wrong URL.
     """
+
+    cause = "invalid_response"
 
 
 class LMStudioResponseTooLargeError(LMStudioProtocolError):
@@ -80,31 +96,53 @@ class LMStudioStatusError(LMStudioError):
 class LMStudioRequestError(LMStudioStatusError):
     """The upstream rejected the request itself (4xx): retrying will not help."""
 
+    cause = "rejected"
+
 
 class LMStudioAuthError(LMStudioStatusError):
     """The upstream refused the gateway's API token (401/403)."""
+
+    cause = "auth"
 
 
 class ModelNotFoundError(LMStudioRequestError):
     """The requested model is unknown to the upstream."""
 
+    cause = "model_not_found"
+
 
 class NoModelLoadedError(LMStudioStatusError):
     """The upstream has no model loaded that could answer."""
+
+    cause = "no_model"
 
 
 class LMStudioServerError(LMStudioStatusError):
     """The upstream failed (5xx, 408). Retried within the budget."""
 
     retryable = True
+    cause = "server_error"
 
 
 class LMStudioBusyError(LMStudioServerError):
     """The upstream is overloaded or starting (429, 503). Retried after a wait."""
 
+    cause = "busy"
+
+
+class LMStudioLoopError(LMStudioStatusError):
+    """The upstream is this gateway itself: the request came back around.
+
+    Never retried: every retry would go round the loop again.
+    """
+
+    cause = "loop"
+
 
 class LMStudioStreamError(LMStudioError):
     """The upstream reported an error inside a stream it had started."""
+
+    cause = "stream_error"
 
 
 class LMStudioStreamCutError(LMStudioStreamError):

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import requests
 
@@ -133,8 +133,10 @@ class UpstreamStream:
         total_timeout: float,
         max_line_bytes: int | None = None,
         buffer_bytes: int = BUFFER_BYTES,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.response = response
+        self._on_close = on_close
         self.request_id = response.headers.get("x-request-id")
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
@@ -215,6 +217,9 @@ class UpstreamStream:
             return
         self._closed.set()
         self._events.close()  # wakes a reader waiting for room
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
         # shutdown() wakes the reader blocked in recv(); close() alone does not.
         with contextlib.suppress(Exception):
             self.response.raw.shutdown()

@@ -116,6 +116,48 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def port_holder(port: int) -> str | None:
+    """Name the process listening on TCP ``port``, e.g. ``"python3 -m x (pid 42)"``.
+
+    Reads Linux's ``/proc``; None when nothing listens there or the system has
+    no ``/proc``.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # fields: sl, local address (hex ip:port), remote, state (0A: LISTEN)...
+            listening = len(fields) > 9 and fields[3] == "0A"
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            descriptors = list((process / "fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(descriptor)
+            except OSError:
+                continue
+            if target in inodes:
+                try:
+                    raw = (process / "cmdline").read_bytes()
+                except OSError:
+                    raw = b""
+                command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"{command[:100] or 'a process'} (pid {process.name})"
+    return "a process this user cannot see"
+
+
 def require_loopback_host(host: str) -> str:
     """Return ``host`` if it is an IPv4 loopback address, else raise ValueError.
 

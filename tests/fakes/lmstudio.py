@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -76,6 +77,11 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "long_line": frozenset({"bytes", "newline"}),
     # Chunk number `after` replaced by `data` (JSON-encoded unless a string).
     "bad_chunk": frozenset({"data", "after"}),
+    # Not a model server at all: raw bytes that are not HTTP, then close.
+    "garbage": frozenset({"data"}),
+    # A plain web server (nginx, python -m http.server) where the API should be:
+    # an HTML 404 for GET, an HTML 405 for other methods (or ``status``).
+    "web_server": frozenset({"status"}),
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset(
@@ -269,7 +275,16 @@ class FakeLMStudio:
       streaming, before the response).
     - ``idle_timeout``: seconds a keep-alive connection may idle (None: for ever).
     - ``unknown_model_status``: 404 (older LM Studio) or 400 (newer).
+    - ``embeddings``: False answers ``/v1/embeddings`` as llama-cpp-python's
+      server does without ``embedding=True`` (a 500 that explains why).
+
     - ``max_context_length``, ``max_connections``.
+
+    With ``lmstudio=False`` it also behaves like llama-cpp-python's FastAPI
+    server where that differs: an unknown path is ``404 {"detail": "Not
+    Found"}``, an ``X-Request-ID`` that is not a UUID gets an empty 400, any
+    model name is answered by the loaded model (and echoed back), and
+    ``/v1/models`` waits while a generation is under way.
     """
 
     def __init__(
@@ -289,6 +304,7 @@ class FakeLMStudio:
         unknown_model_status: int = 404,
         max_context_length: int = 8192,
         max_connections: int = 256,
+        embeddings: bool = True,
     ) -> None:
         if usage_mode not in _USAGE_MODES:
             raise ValueError(f"usage_mode must be one of {sorted(_USAGE_MODES)}")
@@ -306,6 +322,7 @@ class FakeLMStudio:
         self.unknown_model_status = unknown_model_status
         self.max_context_length = max_context_length
         self.max_connections = max_connections
+        self.embeddings = embeddings
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -316,6 +333,7 @@ class FakeLMStudio:
         self._threads: set[threading.Thread] = set()
         self._ids = itertools.count(1)
         self._completion_ids = itertools.count(1)
+        self._generations = 0  # generations under way
 
         self._listen_lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
@@ -745,6 +763,11 @@ class _Handler(BaseHTTPRequestHandler):
             ):
                 return
 
+        if not fake.lmstudio and not _is_uuid(self.headers.get("X-Request-ID")):
+            # starlette-context's RequestIdPlugin: an empty 400, no body.
+            self._send_bytes(400, b"", "text/plain; charset=utf-8")
+            return
+
         if fake.api_token is not None:
             expected = f"Bearer {fake.api_token}"
             if self.headers.get("Authorization") != expected:
@@ -752,6 +775,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
         handler = self._route(route)
+        if handler is None and not fake.lmstudio:
+            self._send_json(404, {"detail": "Not Found"})
+            return
         if handler is None:
             message = f"Unexpected endpoint or method. ({self.command} {raw_path})"
             self._send_json(200, {"error": message})
@@ -832,6 +858,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"error": params.get("error", "Injected error")})
         elif kind == "reset":
             self._reset(rst=params.get("rst", False))
+        elif kind == "garbage":
+            data = params.get("data", "SSH-2.0-OpenSSH_9.2p1\r\n")
+            self._write(data.encode() if isinstance(data, str) else data)
+            self._reset(rst=False)
+        elif kind == "web_server":
+            status = params.get("status", 404 if self.command == "GET" else 405)
+            page = f"<html><body><h1>{status}</h1><hr>nginx</body></html>"
+            self._send_bytes(status, page.encode(), "text/html")
         return True
 
     def _flood_answer(self, size: int, chunked: bool) -> None:
@@ -901,6 +935,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"lmstudio": True})
 
     def _models(self, _body: Any, _fault: Fault | None) -> None:
+        fake = self.fake
+        if not fake.lmstudio:
+            # llama-cpp-python's server runs one request at a time: /v1/models
+            # waits until the generation under way has finished.
+            while fake._generations:
+                if not self._wait(_POLL_SECONDS):
+                    raise _Abort
         data = [
             {"id": model, "object": "model", "owned_by": "organization_owner"}
             for model in self.fake._all_models()
@@ -935,6 +976,10 @@ class _Handler(BaseHTTPRequestHandler):
         loaded = list(fake.loaded)
         if isinstance(requested, str) and requested.startswith(FAULT_MODEL_PREFIX):
             requested = None  # the fault is the point; any loaded model answers
+        if not fake.lmstudio and loaded:
+            # llama-cpp-python serves its one model whatever is asked, and
+            # echoes the requested name back.
+            return requested or loaded[0]
         if requested and requested not in fake._all_models():
             status = fake.unknown_model_status
             if status == 404:
@@ -978,6 +1023,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._generate("text", body, _count_words(str(prompt)), fault)
 
     def _generate(
+        self, kind: str, body: dict[str, Any], prompt_tokens: int, fault: Fault | None
+    ) -> None:
+        with self.fake._lock:
+            self.fake._generations += 1
+        try:
+            self._generate_answer(kind, body, prompt_tokens, fault)
+        finally:
+            with self.fake._lock:
+                self.fake._generations -= 1
+
+    def _generate_answer(
         self, kind: str, body: dict[str, Any], prompt_tokens: int, fault: Fault | None
     ) -> None:
         model = self._resolve_model(body.get("model"))
@@ -1140,6 +1196,16 @@ class _Handler(BaseHTTPRequestHandler):
         raise _Abort
 
     def _embeddings(self, body: dict[str, Any], _fault: Fault | None) -> None:
+        if not self.fake.embeddings:
+            error = {
+                "message": "Llama model must be created with embedding=True to "
+                "call this method",
+                "type": "internal_server_error",
+                "param": None,
+                "code": None,
+            }
+            self._send_json(500, {"error": error})
+            return
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -1220,6 +1286,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, data: bytes) -> None:
         # wfile is unbuffered (wbufsize 0): each write reaches the socket now.
         self.wfile.write(data)
+
+
+def _is_uuid(value: str | None) -> bool:
+    """True for no value or a UUID: what llama-cpp-python accepts as a request id."""
+    if value is None:
+        return True
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _invalid_api_key() -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The LM Studio client: retries, timeouts, error shapes, parsing, probes."""
 
+import http.client
 import json
+import socket
 
 import pytest
 import requests
@@ -436,3 +438,104 @@ def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
     )
     with pytest.raises(LMStudioResponseTooLargeError):
         client.open_stream("/v1/chat/completions", PAYLOAD)
+
+
+@pytest.mark.parametrize(
+    ("correlation_id", "request_id"),
+    [("my-request-1", None), ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same")],
+)
+def test_x_request_id_goes_upstream_only_as_a_uuid(
+    client, upstream, correlation_id, request_id
+):
+    upstream.post(CHAT, json=completion())
+    client.chat_completion(PAYLOAD, correlation_id=correlation_id)
+    sent = upstream.calls[0].request.headers
+    assert sent["X-Correlation-ID"] == correlation_id
+    expected = correlation_id if request_id else None
+    assert sent.get("X-Request-ID") == expected
+
+
+def test_an_empty_error_body_relays_the_status_text(client, upstream):
+    upstream.post(CHAT, status=400, body=b"")
+    with pytest.raises(LMStudioRequestError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.message == "HTTP 400 Bad Request"
+
+
+@pytest.mark.parametrize(
+    ("raised", "cause", "error"),
+    [
+        (socket.gaierror(-2, "Name or service not known"), "dns", None),
+        (ConnectionRefusedError(111, "Connection refused"), "refused", None),
+        (
+            http.client.BadStatusLine("SSH-2.0-OpenSSH_9.2p1\r\n"),
+            "not_http",
+            LMStudioProtocolError,
+        ),
+        (http.client.RemoteDisconnected("closed"), "unreachable", None),
+    ],
+)
+def test_transport_failures_are_named(client, upstream, raised, cause, error):
+    upstream.post(CHAT, body=requests.ConnectionError(raised))
+    with pytest.raises(error or LMStudioConnectionError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.cause == cause
+    assert (cause == "not_http") == (len(upstream.calls) == 1)  # never retried
+
+
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        (404, {"json": {"detail": "Not Found"}}),
+        (404, {"body": "<h1>Not Found</h1>", "content_type": "text/html"}),
+        (405, {"body": ""}),
+        (501, {"body": "Unsupported method ('POST')"}),
+    ],
+)
+def test_a_path_the_upstream_does_not_serve_names_the_url(
+    client, upstream, status, answer
+):
+    upstream.post(CHAT, status=status, **answer)
+    with pytest.raises(LMStudioProtocolError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.cause == "not_openai"
+    assert "upstream URL" in info.value.message
+
+
+def test_an_explained_llama_cpp_failure_is_not_retried(client, upstream, sleeps):
+    error = {
+        "message": "Llama model must be created with embedding=True to call this "
+        "method",
+        "type": "internal_server_error",
+        "param": None,
+        "code": None,
+    }
+    upstream.post(f"{BASE}/v1/embeddings", status=500, json={"error": error})
+    with pytest.raises(LMStudioServerError) as info:
+        client.post_json("/v1/embeddings", {"input": "hi"})
+    assert "embedding=True" in info.value.message
+    assert len(upstream.calls) == 1
+    assert sleeps == []
+
+
+def test_probe_timeout_during_a_generation_is_busy(client, upstream):
+    upstream.get(f"{BASE}/v1/models", body=requests.ReadTimeout("generating"))
+    client._track_generation(1)  # a generation of ours is under way
+    report = client.probe()
+    assert report.reachable
+    assert report.busy
+    upstream.get(f"{BASE}/v1/models", body=requests.ReadTimeout("generating"))
+    client._track_generation(-1)
+    report = client.probe()
+    assert not report.reachable
+    assert report.cause == "timeout"
+
+
+def test_probe_recognises_another_llm_service(client, upstream):
+    upstream.get(
+        f"{BASE}/v1/models",
+        json={"data": [{"id": "a"}]},
+        headers={"Via": "1.1 llm-service"},
+    )
+    upstream.get(f"{BASE}/lmstudio-greeting", status=404)
+    assert client.probe().chained

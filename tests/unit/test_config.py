@@ -1,9 +1,19 @@
 """Settings: defaults, layering, validation at start-up."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from llm_service import create_app
-from llm_service.config import SETTINGS, ConfigError
+from llm_service.config import (
+    SETTINGS,
+    ConfigError,
+    check_not_self,
+    unknown_variables,
+)
+from tests.servers import ROOT
 
 
 def test_defaults():
@@ -111,3 +121,61 @@ def test_every_setting_is_documented():
     for setting in SETTINGS:
         assert f"`{setting.env_var}`" in readme, setting.env_var
         assert f"{setting.env_var}=" in example, setting.env_var
+
+
+def test_an_unknown_variable_is_warned_with_the_closest_name():
+    warnings = unknown_variables(["LLM_SERVICE_LM_STUDIO_PROT", "PATH"])
+    assert warnings == [
+        "LLM_SERVICE_LM_STUDIO_PROT is not a setting and is ignored: did you mean "
+        "LLM_SERVICE_LM_STUDIO_PORT?"
+    ]
+
+
+def test_every_known_variable_passes_in_silence():
+    names = [setting.env_var for setting in SETTINGS]
+    names += ["LLM_SERVICE_ENV_FILE", "LLM_SERVICE_LOCAL_CACHE_DIR"]
+    assert unknown_variables(names) == []
+
+
+def test_wsgi_warns_about_a_typo():
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LLM_SERVICE_")},
+        "LLM_SERVICE_ENV_FILE": os.devnull,
+        "LLM_SERVICE_RATE_LIMIT_REQUEST": "5",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "did you mean LLM_SERVICE_RATE_LIMIT_REQUESTS?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "bind"),
+    [
+        ("http://localhost:8000", "127.0.0.1:8000"),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000"),
+        ("http://localhost:8000", "0.0.0.0:8000"),
+        ("http://[::1]:8000", "[::]:8000"),
+    ],
+)
+def test_an_upstream_at_the_gateways_own_address_is_refused(url, bind):
+    with pytest.raises(ConfigError, match="own address"):
+        check_not_self(url, bind)
+
+
+@pytest.mark.parametrize(
+    ("url", "bind"),
+    [
+        ("http://localhost:1234", "127.0.0.1:8000"),
+        ("http://192.0.2.1:8000", "0.0.0.0:8000"),
+        ("http://localhost:8000", "unix:/tmp/gateway.sock"),
+    ],
+)
+def test_other_upstreams_are_accepted(url, bind):
+    check_not_self(url, bind)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -170,8 +171,44 @@ def test_lmstudio_greeting_and_v0_models():
 def test_llama_cpp_mode_has_no_lmstudio_paths(path):
     with FakeLMStudio(lmstudio=False) as server:
         response = requests.get(server.url + path, timeout=5)
-    assert response.status_code == 200
-    assert response.json() == {"error": f"Unexpected endpoint or method. (GET {path})"}
+    # FastAPI's answer for a path it does not serve.
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+def test_llama_cpp_mode_accepts_only_uuid_request_ids():
+    with FakeLMStudio(lmstudio=False) as server:
+        url = server.url + "/v1/models"
+        refused = requests.get(url, headers={"X-Request-ID": "my-1"}, timeout=5)
+        accepted = requests.get(
+            url, headers={"X-Request-ID": str(uuid.uuid4())}, timeout=5
+        )
+    assert (refused.status_code, refused.content) == (400, b"")
+    assert refused.reason == "Bad Request"
+    assert accepted.status_code == 200
+
+
+def test_llama_cpp_mode_without_embeddings_says_why():
+    with FakeLMStudio(lmstudio=False, embeddings=False) as server:
+        response = requests.post(
+            server.url + "/v1/embeddings", json={"input": "hi"}, timeout=5
+        )
+    assert response.status_code == 500
+    assert "embedding=True" in response.json()["error"]["message"]
+
+
+def test_garbage_fault_is_not_http(fake):
+    fake.fault("garbage", times=1, data="hello\r\n")
+    with pytest.raises(requests.ConnectionError, match="BadStatusLine"):
+        requests.get(fake.url + "/v1/models", timeout=5)
+
+
+@pytest.mark.parametrize(("method", "status"), [("GET", 404), ("POST", 405)])
+def test_web_server_fault_answers_html(fake, method, status):
+    fake.fault("web_server", times=1)
+    response = requests.request(method, fake.url + CHAT, timeout=5)
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith("text/html")
 
 
 @pytest.mark.parametrize(

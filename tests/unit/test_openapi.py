@@ -1,5 +1,6 @@
 """/openapi.json describes every route; /docs renders it from local assets."""
 
+import json
 import re
 
 import pytest
@@ -357,3 +358,10 @@ def test_assets_are_revalidated_not_downloaded_again(client):
     ) as again:
         assert again.status_code == 304
         assert again.data == b""
+
+
+def test_docs_show_no_internal_words(spec):
+    """Tag texts come from module docstrings: no Flask or project jargon there."""
+    words = json.dumps([spec["info"], spec.get("tags", [])]).lower()
+    for internal in ("blueprint", "seed"):
+        assert internal not in words

@@ -1,0 +1,88 @@
+"""A newcomer's first hour against the real model server (issue 10).
+
+The README's own example, verbatim; what the bundled llama.cpp server cannot
+do (embeddings), relayed in its own words; and a busy server that is not down.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from llm_service import local_backend
+
+#: The README's full /llm/message example, verbatim (its curl command's -H and -d).
+README_HEADERS = {
+    "Content-Type": "application/json",
+    "X-Correlation-ID": "my-request-1",
+}
+README_BODY = """{
+        "model": "qwen2.5-7b-instruct",
+        "messages": [
+          {"role": "system", "content": "Answer in one sentence."},
+          {"role": "user", "content": "What is a gateway?"}
+        ],
+        "temperature": 0.7,
+        "max_tokens": 150,
+        "top_p": 0.9
+      }"""
+
+
+@pytest.fixture
+def bundled(model_server):
+    if model_server.process is None:
+        pytest.skip("these behaviours are the bundled llama.cpp server's")
+    return model_server
+
+
+def test_readme_example_verbatim(live_gateway, bundled):
+    requests.get(f"{live_gateway.url}/health", timeout=30)
+    response = requests.post(
+        f"{live_gateway.url}/llm/message",
+        data=README_BODY,
+        headers=README_HEADERS,
+        timeout=180,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["correlation_id"] == "my-request-1"
+    assert body["response"].strip()
+    # The model that answered, not an echo of the name the example asks for.
+    assert body["model"] == local_backend.MODEL_ALIAS
+
+
+def test_embeddings_relay_the_servers_own_explanation(live_gateway, bundled):
+    started = time.monotonic()
+    response = requests.post(
+        f"{live_gateway.url}/v1/embeddings", json={"input": "hello"}, timeout=60
+    )
+    assert response.status_code == 502
+    assert "embedding=True" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 5  # not retried
+
+
+def test_health_is_not_503_while_a_generation_runs(live_gateway, bundled):
+    body = {
+        "messages": [{"role": "user", "content": "Count from 1 to 300."}],
+        "max_tokens": 300,
+        "temperature": 0,
+    }
+    generation = threading.Thread(
+        target=requests.post,
+        args=(f"{live_gateway.url}/llm/message",),
+        kwargs={"json": body, "timeout": 180},
+        daemon=True,
+    )
+    generation.start()
+    time.sleep(1.5)
+    health = requests.get(f"{live_gateway.url}/health", timeout=30)
+    ready = requests.get(f"{live_gateway.url}/health/ready", timeout=30)
+    still_generating = generation.is_alive()
+    generation.join(180)
+    assert health.status_code == 200, health.text
+    assert ready.status_code == 200, ready.text
+    if still_generating:
+        assert health.json()["status"] == "busy"
