@@ -4,16 +4,13 @@ Loads ``.env`` (or the file named by ``LLM_SERVICE_ENV_FILE``) into the
 environment without overriding variables already set, then builds the app.
 """
 
-import os
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv
-
 from llm_service import create_app
-from llm_service.config import ConfigError
+from llm_service.config import ConfigError, load_env_file
 
-load_dotenv(os.environ.get("LLM_SERVICE_ENV_FILE") or Path(__file__).with_name(".env"))
+load_env_file(Path(__file__).with_name(".env"))
 
 try:
     app = create_app()
