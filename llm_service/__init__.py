@@ -22,10 +22,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # only) runs in any Python, before the service's dependencies exist.
     from flask import Flask
 
-    app = Flask(__name__, instance_relative_config=True)
-
     from . import config, errors, limits, logs, pipeline, upstream
 
+    app = Flask(
+        __name__, instance_path=config.instance_path(), instance_relative_config=True
+    )
     # Tests never read a developer's instance/config.py.
     config.read_layers(app.config, test_config)
     logs.init_app(app)
