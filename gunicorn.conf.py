@@ -12,6 +12,20 @@ pointing at Redis, ``GUNICORN_WORKERS`` can grow.
 
 import os
 import resource
+import sys
+from pathlib import Path
+
+from llm_service.config import ConfigError, load_env_file, server_settings
+
+# The app's settings through the same layers as the app itself (defaults,
+# instance/config.py, .env and the LLM_SERVICE_* environment), so a value set in
+# any of them shapes the server too; a bad one stops gunicorn before it forks.
+load_env_file(Path(__file__).with_name(".env"))
+try:
+    _settings = server_settings()
+except ConfigError as err:
+    sys.stderr.write(f"llm-service: configuration error: {err}\n")
+    raise SystemExit(3) from None
 
 
 def _env(name: str, default: str) -> str:
@@ -19,24 +33,32 @@ def _env(name: str, default: str) -> str:
 
 
 bind = _env("BIND", "127.0.0.1:8000")  # loopback unless configured
-worker_class = "gthread"
+# gthread whose event loop gathers each request's head, closing connections
+# slower than LLM_SERVICE_CLIENT_HEADER_TIMEOUT, so slow clients hold no thread
+# (see llm_service/server.py for why this design). GUNICORN_WORKER_CLASS=gthread
+# gives gunicorn's own, for comparison (bench/slowloris.py --worker gthread).
+worker_class = _env("WORKER_CLASS", "llm_service.server.Worker")
 workers = int(_env("WORKERS", "1"))
 # A streaming response holds its thread (and a reader thread for the upstream)
 # for its whole life, so threads bound the concurrent streams. Threads start on
 # demand: an idle gateway does not pay for them.
 threads = int(_env("THREADS", "1024"))
-# gthread keeps idle keep-alive connections beside the busy ones: it must
-# exceed `threads` or keep-alive is switched off.
-worker_connections = int(_env("WORKER_CONNECTIONS", str(2 * threads)))
+# Connections held open at once: busy ones (at most `threads`), idle keep-alive
+# ones and those still sending their head. Waiting costs a socket, not a thread,
+# so it is generous; when full, the worker closes the oldest idle or
+# still-sending connections to let new ones in.
+worker_connections = int(_env("WORKER_CONNECTIONS", str(max(4096, 2 * threads))))
 # Idle keep-alive connections from clients are closed after this many seconds.
 keepalive = int(_env("KEEPALIVE", "5"))
 
 # With gthread the worker heartbeat runs beside request threads, so `timeout`
 # only catches a wedged worker; one upstream call is bounded by
 # LLM_SERVICE_LM_STUDIO_RETRY_BUDGET (60 s by default), well inside it.
-_retry_budget = float(os.environ.get("LLM_SERVICE_LM_STUDIO_RETRY_BUDGET", "60"))
+_retry_budget = _settings["LM_STUDIO_RETRY_BUDGET"]
 timeout = int(_env("TIMEOUT", str(int(_retry_budget) + 60)))
-# On SIGTERM, requests in flight get this long to finish.
+# On SIGTERM, requests in flight get this long to finish; streams still open
+# 2 s before it ends get a `server_shutting_down` error event (README,
+# "Deployment"), and new requests a 503 of that code.
 graceful_timeout = int(_env("GRACEFUL_TIMEOUT", str(int(_retry_budget) + 10)))
 
 # The app writes its own JSON access records; gunicorn's would duplicate them.

@@ -8,12 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv
-
 from llm_service import create_app
-from llm_service.config import ConfigError, unknown_variables
+from llm_service.config import ConfigError, load_env_file, unknown_variables
 
-load_dotenv(os.environ.get("LLM_SERVICE_ENV_FILE") or Path(__file__).with_name(".env"))
+load_env_file(Path(__file__).with_name(".env"))
 for warning in unknown_variables(os.environ):
     sys.stderr.write(f"llm-service: warning: {warning}\n")
 

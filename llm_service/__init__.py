@@ -22,17 +22,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # only) runs in any Python, before the service's dependencies exist.
     from flask import Flask
 
-    app = Flask(__name__, instance_relative_config=True)
-    if test_config is None:
-        # Tests never read a developer's instance/config.py.
-        app.config.from_pyfile("config.py", silent=True)
-    app.config.from_prefixed_env("LLM_SERVICE")
-    if test_config is not None:
-        app.config.from_mapping(test_config)
-
     from . import config, errors, limits, logs, pipeline, upstream
 
-    config.load_settings(app.config)
+    app = Flask(
+        __name__, instance_path=config.instance_path(), instance_relative_config=True
+    )
+    # Tests never read a developer's instance/config.py.
+    config.read_layers(app.config, test_config)
     logs.init_app(app)
     limits.init_app(app)
     pipeline.init_app(app)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -338,6 +340,14 @@ SETTINGS: tuple[Setting, ...] = (
         "answers at a loopback upstream URL (`auto`), or never (`off`).",
     ),
     Setting(
+        "CLIENT_HEADER_TIMEOUT",
+        10.0,
+        _seconds(),
+        "Seconds a client has to send a request's headers (from connecting, or "
+        "from its first byte on a kept-alive connection), and again its body; "
+        "slower connections are closed. Read by the gunicorn worker.",
+    ),
+    Setting(
         "TRUSTED_PROXIES",
         0,
         _integer(0, 10),
@@ -345,6 +355,56 @@ SETTINGS: tuple[Setting, ...] = (
         "`X-Forwarded-*` headers are trusted.",
     ),
 )
+
+
+def read_layers(config: Any, test_config: Mapping[str, Any] | None = None) -> None:
+    """Fill a Flask ``Config`` from every layer, then check it (:func:`load_settings`).
+
+    The layers, later winning: the defaults, ``instance/config.py`` (skipped when
+    tests pass ``test_config``), the ``LLM_SERVICE_*`` environment (which
+    :func:`load_env_file` fills from ``.env``), then ``test_config``.
+    """
+    if test_config is None:
+        config.from_pyfile("config.py", silent=True)
+    config.from_prefixed_env(ENV_PREFIX)
+    if test_config is not None:
+        config.from_mapping(test_config)
+    load_settings(config)
+
+
+def instance_path() -> str:
+    """Where the app's ``instance/`` folder is, found the way Flask finds it."""
+    from flask.sansio.scaffold import find_package
+
+    prefix, package_path = find_package(__name__.rpartition(".")[0])
+    if prefix is None:
+        return os.path.join(package_path, "instance")
+    return os.path.join(prefix, "var", f"{__name__.rpartition('.')[0]}-instance")
+
+
+def server_settings() -> dict[str, Any]:
+    """Return the checked settings the app will run with, without building it.
+
+    For the server around the app (``gunicorn.conf.py``, the worker class): the
+    same layers as :func:`read_layers`, so a value set in ``.env`` or
+    ``instance/config.py`` reaches the server too. Call :func:`load_env_file`
+    first, as ``wsgi.py`` does before it builds the app.
+    """
+    from flask import Config
+
+    config = Config(instance_path())
+    read_layers(config)
+    return dict(config)
+
+
+def load_env_file(default: str | os.PathLike[str]) -> None:
+    """Load ``LLM_SERVICE_ENV_FILE`` (else ``default``) into the environment.
+
+    Variables already set win over the file.
+    """
+    from dotenv import load_dotenv
+
+    load_dotenv(os.environ.get(f"{ENV_PREFIX}_ENV_FILE") or Path(default))
 
 
 def load_settings(config: dict) -> None:

@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from .lifecycle import ShuttingDownError
 from .lmstudio import (
     LMStudioAuthError,
     LMStudioBusyError,
@@ -118,6 +119,13 @@ def describe_failure(error: BaseException) -> Failure:
         )
     if isinstance(error, LMStudioError):
         return _upstream_failure(error)
+    if isinstance(error, ShuttingDownError):
+        return Failure(
+            503,
+            "server_shutting_down",
+            "The server is shutting down; retry the request.",
+            headers={"Retry-After": "1"},
+        )
     return Failure(
         500,
         "internal_error",
@@ -262,6 +270,8 @@ def log_failure(error: BaseException, failure: Failure) -> None:
             error.attempts,
             extra={"upstream_request_id": error.request_id, "error_code": failure.code},
         )
+    elif isinstance(error, ShuttingDownError):
+        log.info("request refused or stream ended: the server is shutting down")
     elif failure.status >= 500:
         log.error("unhandled error while serving the request", exc_info=error)
 

@@ -58,6 +58,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "validation_error": ((422,), "the body breaks the schema; `details` says where"),
     "rate_limited": ((429,), "over the per-client limit; `Retry-After` says when"),
     "internal_error": ((500,), "a bug; it is logged with the correlation ID"),
+    "server_shutting_down": ((503,), "the server is stopping; retry (`Retry-After`)"),
     "model_not_found": ((404,), "the upstream does not know the requested model"),
     "upstream_rejected_request": (
         (400, 413, 422),
@@ -81,7 +82,12 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     ),
 }
 #: What any route can answer, whatever it does.
-COMMON_ERRORS = ("bad_request", "method_not_allowed", "internal_error")
+COMMON_ERRORS = (
+    "bad_request",
+    "method_not_allowed",
+    "internal_error",
+    "server_shutting_down",
+)
 #: What a route that reads a JSON body can answer about it.
 BODY_ERRORS = (
     "invalid_json",

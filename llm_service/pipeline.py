@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, Response, g, request
 
+from .lifecycle import ShuttingDownError, drain
+
 access_log = logging.getLogger("llm_service.access")
 
 CORRELATION_HEADER = "X-Correlation-ID"
@@ -49,6 +51,9 @@ def correlation_id() -> str:
 def _start_request() -> None:
     g.started = time.perf_counter()
     correlation_id()
+    if drain.draining:
+        # Nothing started after SIGTERM: the worker is about to go.
+        raise ShuttingDownError()
 
 
 def _finish_response(response: Response) -> Response:

@@ -31,6 +31,7 @@ from typing import Any
 from flask import Response, current_app, request, stream_with_context
 
 from .errors import describe_failure, error_body, log_failure
+from .lifecycle import ShuttingDownError, drain
 from .lmstudio import SSEEvent, UpstreamStream
 from .pipeline import correlation_id
 from .upstream import get_upstream
@@ -105,6 +106,9 @@ def relay(
     try:
         tick = min(MAX_TICK_SECONDS, keepalive / 2)
         for event in upstream.events(tick=tick):
+            if drain.streams_must_end():
+                # The worker stops soon: say so rather than cut the stream.
+                raise ShuttingDownError()
             if event is None:
                 if time.monotonic() - last_sent >= keepalive:
                     yield bounded(KEEPALIVE)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llm_service import create_app
+from llm_service import config, create_app
 from llm_service.config import (
     SETTINGS,
     ConfigError,
@@ -179,3 +179,53 @@ def test_an_upstream_at_the_gateways_own_address_is_refused(url, bind):
 )
 def test_other_upstreams_are_accepted(url, bind):
     check_not_self(url, bind)
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """An instance folder of the test's own, for the app and the server alike."""
+    monkeypatch.setattr(config, "instance_path", lambda: str(tmp_path))
+    return tmp_path
+
+
+def test_instance_path_is_where_flask_looks():
+    from flask import Flask
+
+    app = Flask("llm_service", instance_relative_config=True)
+    assert config.instance_path() == app.instance_path
+
+
+def test_instance_config_reaches_app_and_server_settings(instance, monkeypatch):
+    (instance / "config.py").write_text(
+        "CLIENT_HEADER_TIMEOUT = 3\nLM_STUDIO_RETRY_BUDGET = 7\nLOG_FORMAT = 'text'\n"
+    )
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_RETRY_BUDGET", "9")  # env wins
+    server = config.server_settings()
+    assert server["CLIENT_HEADER_TIMEOUT"] == 3.0
+    assert server["LM_STUDIO_RETRY_BUDGET"] == 9.0
+    app = create_app()
+    assert app.config["LOG_FORMAT"] == "text"
+    assert app.config["CLIENT_HEADER_TIMEOUT"] == 3.0
+
+
+def test_env_file_reaches_server_settings(instance, tmp_path, monkeypatch):
+    env_file = tmp_path / "service.env"
+    env_file.write_text(
+        "LLM_SERVICE_CLIENT_HEADER_TIMEOUT=4\nLLM_SERVICE_LM_STUDIO_RETRIES=5\n"
+    )
+    # Registered with monkeypatch so the values load_dotenv sets are undone.
+    for name in ("CLIENT_HEADER_TIMEOUT", "LM_STUDIO_RETRIES", "ENV_FILE"):
+        monkeypatch.setenv(f"LLM_SERVICE_{name}", "")
+        monkeypatch.delenv(f"LLM_SERVICE_{name}")
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_RETRIES", "1")  # set: not overridden
+    monkeypatch.setenv("LLM_SERVICE_ENV_FILE", str(env_file))
+    config.load_env_file(tmp_path / "absent.env")
+    server = config.server_settings()
+    assert server["CLIENT_HEADER_TIMEOUT"] == 4.0
+    assert server["LM_STUDIO_RETRIES"] == 1
+
+
+def test_server_settings_are_checked(instance, monkeypatch):
+    monkeypatch.setenv("LLM_SERVICE_CLIENT_HEADER_TIMEOUT", "0")
+    with pytest.raises(ConfigError, match="LLM_SERVICE_CLIENT_HEADER_TIMEOUT"):
+        config.server_settings()
