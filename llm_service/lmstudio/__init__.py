@@ -14,6 +14,7 @@ from .client import (
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
+    LMStudioCancelledError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
@@ -30,12 +31,15 @@ from .errors import (
 )
 from .sse import SSEEvent
 from .stream import UpstreamStream
+from .watchdog import CallScope
 
 __all__ = [
+    "CallScope",
     "ChatResult",
     "HealthReport",
     "LMStudioAuthError",
     "LMStudioBusyError",
+    "LMStudioCancelledError",
     "LMStudioClient",
     "LMStudioConnectTimeoutError",
     "LMStudioConnectionError",

@@ -24,6 +24,7 @@ from .errors import (
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
     error_message,
+    safe_excerpt,
 )
 from .sse import SSEEvent, SSEParser
 
@@ -64,12 +65,14 @@ class UpstreamStream:
         first_token_timeout: float,
         idle_timeout: float,
         total_timeout: float,
+        started: float | None = None,
     ) -> None:
         self.response = response
         self.request_id = response.headers.get("x-request-id")
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
-        self.started = time.monotonic()
+        #: When the request was sent: the first-token limit runs from here.
+        self.started = started if started is not None else time.monotonic()
         self.total_deadline = self.started + total_timeout
         self.saw_finish = False
         #: True once :meth:`cancel` was called (the consumer went away).
@@ -158,7 +161,9 @@ class UpstreamStream:
                 payload = None
             message = _stream_error(payload)
             if message is not None:
-                raise LMStudioStreamError(message[:500], request_id=self.request_id)
+                raise LMStudioStreamError(
+                    safe_excerpt(message), request_id=self.request_id
+                )
         if not self.saw_finish and _finishes(event.data):
             self.saw_finish = True
 

@@ -69,6 +69,10 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "stream_error": frozenset({"after", "error"}),
     "stream_cut": frozenset({"after"}),
     "slow_stream": frozenset({"interval"}),
+    # One byte every `interval` seconds, of the headers, the body or both.
+    "drip": frozenset({"interval", "part"}),
+    # An error answer that quotes the request: headers (Authorization too) and body.
+    "echo": frozenset({"status"}),
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_cut", "slow_stream"})
@@ -814,7 +818,51 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"error": params.get("error", "Injected error")})
         elif kind == "reset":
             self._reset(rst=params.get("rst", False))
+        elif kind == "drip":
+            self._drip(params.get("interval", 1.0), params.get("part", "both"))
+        elif kind == "echo":
+            assert self.record is not None
+            quoted = {"headers": self.record.headers, "body": self.record.body.decode()}
+            message = f"Invalid request, you sent: {json.dumps(quoted)}"
+            self._send_json(params.get("status", 400), {"error": {"message": message}})
         return True
+
+    def _drip(self, interval: float, part: str) -> None:
+        """Answer a chat completion one byte at a time (``part``: what drips)."""
+        if part not in ("headers", "body", "both"):
+            raise ValueError(f"drip part must be headers, body or both, not {part!r}")
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Drip."},
+            "finish_reason": "stop",
+        }
+        body = _dumps(
+            {
+                "id": self.fake._new_id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": (self.fake.loaded or self.fake.models or ["fake"])[0],
+                "choices": [choice],
+            }
+        )
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        self.headers_sent = True
+        if self.record is not None:
+            self.record.status = 200
+        for name, data in (("headers", head), ("body", body)):
+            if part not in (name, "both"):
+                self._write(data)
+                continue
+            for index in range(len(data)):
+                if index and not self._wait(interval):
+                    raise _Abort
+                self._write(data[index : index + 1])
+        self._close("server")
 
     def _reset(self, rst: bool) -> None:
         """Close the socket without a word: FIN, or RST when ``rst``."""
