@@ -217,8 +217,10 @@ SETTINGS: tuple[Setting, ...] = (
         "LM_STUDIO_RETRY_BUDGET",
         60.0,
         _seconds(),
-        "Hard limit in seconds for one upstream call including every retry and "
-        "wait; keep it below gunicorn's timeout.",
+        "Hard wall-clock limit in seconds for one upstream call: connecting, "
+        "headers, body, every retry and wait, however slowly the upstream sends "
+        "(for streams: up to the response headers); keep it below gunicorn's "
+        "timeout.",
     ),
     Setting(
         "LM_STUDIO_RETRY_AFTER_MAX",
@@ -230,8 +232,8 @@ SETTINGS: tuple[Setting, ...] = (
         "STREAM_FIRST_TOKEN_TIMEOUT",
         120.0,
         _seconds(),
-        "Streams: longest wait for the upstream's first event (long prompts take "
-        "long).",
+        "Streams: longest wait for the upstream's first event, from sending the "
+        "request (long prompts take long); not capped by the retry budget.",
     ),
     Setting(
         "STREAM_IDLE_TIMEOUT",

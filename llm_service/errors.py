@@ -14,12 +14,13 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .lifecycle import ShuttingDownError
 from .lmstudio import (
     LMStudioAuthError,
     LMStudioBusyError,
+    LMStudioCancelledError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
@@ -44,6 +45,13 @@ log = logging.getLogger("llm_service.errors")
 #: Seconds a client is told to wait when the upstream is down.
 UNAVAILABLE_RETRY_AFTER = 5
 OPENAI_PREFIX = "/v1/"
+INTERNAL_MESSAGE = (
+    "The gateway failed to handle the request. Quote the correlation ID when "
+    "reporting it."
+)
+#: Status recorded when the client hung up first (nginx's convention): nobody
+#: receives it, but the access record says what became of the request.
+CLIENT_CLOSED_REQUEST = 499
 
 HTTP_CODES = {
     400: "bad_request",
@@ -64,6 +72,7 @@ HTTP_MESSAGES = {
     405: "The method is not allowed for the requested URL.",
     413: "The request body is larger than the gateway accepts.",
     415: "The request body must be JSON, sent with Content-Type: application/json.",
+    500: INTERNAL_MESSAGE,
 }
 OPENAI_TYPES = {
     401: "authentication_error",
@@ -106,6 +115,7 @@ class Failure:
 
 def describe_failure(error: BaseException) -> Failure:
     """Map any exception to the status, code and message the client gets."""
+    error = _unwrap(error)
     if isinstance(error, APIError):
         return error.failure
     if isinstance(error, HTTPException):
@@ -126,12 +136,14 @@ def describe_failure(error: BaseException) -> Failure:
             "The server is shutting down; retry the request.",
             headers={"Retry-After": "1"},
         )
-    return Failure(
-        500,
-        "internal_error",
-        "The gateway failed to handle the request. Quote the correlation ID when "
-        "reporting it.",
-    )
+    return Failure(500, "internal_error", INTERNAL_MESSAGE)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The exception behind Flask's generic 500 (raised outside a view)."""
+    if isinstance(error, InternalServerError) and error.original_exception:
+        return error.original_exception
+    return error
 
 
 def error_body(failure: Failure) -> dict[str, Any]:
@@ -194,6 +206,12 @@ def _upstream_failure(error: LMStudioError) -> Failure:
 
 def _upstream_status(error: LMStudioError) -> Failure:
     retry_later = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
+    if isinstance(error, LMStudioCancelledError):
+        return Failure(
+            CLIENT_CLOSED_REQUEST,
+            "client_disconnected",
+            "The client went away; the upstream call was cancelled.",
+        )
     if isinstance(error, ModelNotFoundError):
         return Failure(404, "model_not_found", error.message)
     if isinstance(error, NoModelLoadedError):
@@ -261,14 +279,29 @@ def _upstream_status(error: LMStudioError) -> Failure:
 
 
 def log_failure(error: BaseException, failure: Failure) -> None:
-    """Log a failure once, at the level it deserves, without request content."""
-    if isinstance(error, LMStudioError):
+    """Log a failure once, at the level it deserves, without request content.
+
+    Upstream error text is never logged (it may quote the prompt or a token):
+    its kind, status and length are.
+    """
+    if isinstance(error, InternalServerError) and error.original_exception:
+        # Raised outside a view (e.g. by make_response): Flask's
+        # handle_exception has already logged it, traceback and correlation
+        # ID included, just before calling the handler. Once is enough.
+        return
+    if isinstance(error, LMStudioCancelledError):
+        log.info("client disconnected; upstream call cancelled")
+    elif isinstance(error, LMStudioError):
         log.warning(
             "upstream call failed: %s (upstream status %s, attempts %d)",
             type(error).__name__,
             error.status,
             error.attempts,
-            extra={"upstream_request_id": error.request_id, "error_code": failure.code},
+            extra={
+                "upstream_request_id": error.request_id,
+                "error_code": failure.code,
+                "upstream_message_length": len(error.message),
+            },
         )
     elif isinstance(error, ShuttingDownError):
         log.info("request refused or stream ended: the server is shutting down")

@@ -16,7 +16,13 @@ from .lmstudio import (
 from .openapi import STREAMED_ERRORS, documented
 from .pipeline import correlation_id
 from .schemas import MessageRequestSchema, MessageResponseSchema, load_json_body
-from .streaming import event_stream_response, open_upstream_stream, relay, sse
+from .streaming import (
+    event_stream_response,
+    hangup_cancels,
+    open_upstream_stream,
+    relay,
+    sse,
+)
 from .upstream import get_upstream
 
 bp = Blueprint("message", __name__, url_prefix="/llm")
@@ -96,9 +102,10 @@ def send_message():
     payload = chat_payload(data)
     if streamed:
         return stream_message(payload, started)
-    result = get_upstream().client.chat_completion(
-        payload, correlation_id=correlation_id()
-    )
+    with hangup_cancels() as scope:
+        result = get_upstream().client.chat_completion(
+            payload, correlation_id=correlation_id(), scope=scope
+        )
     return answer(
         result.text, result.model, result.finish_reason, result.usage, started
     )

@@ -21,7 +21,13 @@ from .schemas import (
     OpenAIErrorResponseSchema,
     load_json_body,
 )
-from .streaming import event_stream_response, open_upstream_stream, relay, sse
+from .streaming import (
+    event_stream_response,
+    hangup_cancels,
+    open_upstream_stream,
+    relay,
+    sse,
+)
 from .upstream import get_upstream
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -62,9 +68,15 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
                 sse,
             )
         )
-    return get_upstream().client.post_json(
-        path, payload, correlation_id=correlation_id()
-    )
+    return _post(path, payload)
+
+
+def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Relay a non-streamed call; the upstream's object is answered as it is."""
+    with hangup_cancels() as scope:
+        return get_upstream().client.post_json(
+            path, payload, correlation_id=correlation_id(), scope=scope
+        )
 
 
 @bp.get("/models")
@@ -75,7 +87,10 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
 )
 def list_models():
     """List the upstream's models (OpenAI ``list`` object)."""
-    return get_upstream().client.get_json("/v1/models", correlation_id=correlation_id())
+    with hangup_cancels() as scope:
+        return get_upstream().client.get_json(
+            "/v1/models", correlation_id=correlation_id(), scope=scope
+        )
 
 
 @bp.post("/chat/completions")
@@ -116,7 +131,4 @@ def embeddings():
     data = load_json_body(embedding_schema)
     # No model resolution here: the loaded chat model cannot embed; the upstream
     # picks its embedding model when none is named.
-    payload = _without_nulls(data)
-    return get_upstream().client.post_json(
-        "/v1/embeddings", payload, correlation_id=correlation_id()
-    )
+    return _post("/v1/embeddings", _without_nulls(data))

@@ -80,6 +80,8 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         (504,),
         "a streamed answer did not start in time",
     ),
+    # Never received: the client had gone. Recorded in the access log.
+    "client_disconnected": ((499,), "the client hung up; the upstream call stopped"),
 }
 #: What any route can answer, whatever it does.
 COMMON_ERRORS = (

@@ -5,6 +5,8 @@ The same schemas validate input and describe the API, so the two cannot drift.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from flask import current_app, request
@@ -236,19 +238,40 @@ def load_json_body(schema: Schema) -> dict[str, Any]:
 
     Malformed JSON is a 400, a body not sent as JSON a 415 (raised by Flask);
     the nesting guard keeps a hostile document from exhausting the stack.
+    Only standard JSON is accepted: ``NaN``, ``Infinity`` and numbers too large
+    for a float (``1e400``) are a 400 here rather than a failure upstream.
     """
     _refuse_oversize_stream()
+    if not request.is_json:
+        request.on_json_loading_failed(None)  # raises Flask's 415
     try:
-        body = request.get_json()
-    except BadRequest:
+        body = json.loads(
+            request.get_data(cache=True),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
+    except (BadRequest, ValueError):  # JSONDecodeError and UnicodeError too
         raise APIError(
-            400, "invalid_json", "The request body is not valid JSON (UTF-8)."
+            400,
+            "invalid_json",
+            "The request body is not valid JSON (UTF-8, no NaN or Infinity).",
         ) from None
     except RecursionError:
         raise APIError(
             400, "invalid_json", "The JSON body is nested too deeply."
         ) from None
     return schema.load(body)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} overflows a float")
+    return value
 
 
 def _refuse_oversize_stream() -> None:

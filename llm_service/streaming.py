@@ -2,7 +2,8 @@
 
 Each event leaves as soon as it arrives (gunicorn writes every yielded chunk).
 When the client goes away the upstream stream is closed at once (a watcher
-thread sees the hang-up), which makes LM Studio and llama.cpp stop generating.
+thread sees the hang-up), which makes LM Studio and llama.cpp stop generating;
+the same watcher cancels non-streamed upstream calls (:func:`hangup_cancels`).
 A failure after the first byte cannot become an HTTP status any more, so it
 ends the stream with an error event in the route's error shape, and never with
 the success marker.
@@ -32,7 +33,7 @@ from flask import Response, current_app, request, stream_with_context
 
 from .errors import describe_failure, error_body, log_failure
 from .lifecycle import ShuttingDownError, drain
-from .lmstudio import SSEEvent, UpstreamStream
+from .lmstudio import CallScope, SSEEvent, UpstreamStream
 from .pipeline import correlation_id
 from .upstream import get_upstream
 
@@ -58,17 +59,36 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{prefix}data: {text}\n\n".encode()
 
 
+@contextlib.contextmanager
+def hangup_cancels() -> Iterator[CallScope]:
+    """Give an upstream call a scope that is cancelled if this client hangs up.
+
+    The upstream then sees its connection close and stops generating, instead
+    of finishing an answer nobody will read while the next request waits.
+    """
+    scope = CallScope()
+    stop_watching = disconnects.watch(
+        request.environ.get("gunicorn.socket"), scope.cancel
+    )
+    try:
+        yield scope
+    finally:
+        stop_watching()
+
+
 def open_upstream_stream(path: str, payload: dict[str, Any]) -> UpstreamStream:
     """Start the upstream stream with the app's stream limits (retried until open)."""
     config = current_app.config
-    return get_upstream().client.open_stream(
-        path,
-        payload,
-        correlation_id=correlation_id(),
-        first_token_timeout=config["STREAM_FIRST_TOKEN_TIMEOUT"],
-        idle_timeout=config["STREAM_IDLE_TIMEOUT"],
-        total_timeout=config["STREAM_TOTAL_TIMEOUT"],
-    )
+    with hangup_cancels() as scope:
+        return get_upstream().client.open_stream(
+            path,
+            payload,
+            correlation_id=correlation_id(),
+            first_token_timeout=config["STREAM_FIRST_TOKEN_TIMEOUT"],
+            idle_timeout=config["STREAM_IDLE_TIMEOUT"],
+            total_timeout=config["STREAM_TOTAL_TIMEOUT"],
+            scope=scope,
+        )
 
 
 def event_stream_response(body: Iterable[bytes]) -> Response:
@@ -141,7 +161,7 @@ def relay(
 
 
 class DisconnectWatcher:
-    """Notices, for the whole process, clients that hang up during a stream.
+    """Notices, for the whole process, clients that hang up during a call.
 
     One thread waits in ``epoll`` for hang-ups (``EPOLLRDHUP``) on the sockets
     of every open stream and calls that stream's callback at once, so the

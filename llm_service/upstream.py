@@ -99,6 +99,8 @@ def _refuse_loops() -> None:
 
 
 def _record_attempt(status: int | None) -> None:
+    # Called for the attempts of the request's own upstream call only: health
+    # probes made on the way (e.g. to pick a model) are not retries.
     if has_request_context():
         g.upstream_status = status
         g.upstream_attempts = g.get("upstream_attempts", 0) + 1

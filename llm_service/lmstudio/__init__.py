@@ -16,6 +16,7 @@ from .diagnosis import CAUSES, Cause, cause_of, explain
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
+    LMStudioCancelledError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
@@ -34,15 +35,18 @@ from .errors import (
 )
 from .sse import SSEEvent
 from .stream import UpstreamStream
+from .watchdog import CallScope
 
 __all__ = [
     "CAUSES",
+    "CallScope",
     "Cause",
     "ChatChunk",
     "ChatResult",
     "HealthReport",
     "LMStudioAuthError",
     "LMStudioBusyError",
+    "LMStudioCancelledError",
     "LMStudioClient",
     "LMStudioConnectTimeoutError",
     "LMStudioConnectionError",

@@ -16,13 +16,13 @@ from typing import Any
 
 import backoff
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
 from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
     LMStudioBusyError,
+    LMStudioCancelledError,
     LMStudioConnectionError,
     LMStudioConnectTimeoutError,
     LMStudioError,
@@ -31,12 +31,15 @@ from .errors import (
     LMStudioRequestError,
     LMStudioResponseTooLargeError,
     LMStudioServerError,
+    LMStudioStreamTimeoutError,
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
     error_message,
+    safe_excerpt,
 )
 from .stream import UpstreamStream
+from .watchdog import CANCELLED, CallScope, ScopedAdapter
 
 log = logging.getLogger("llm_service.lmstudio")
 
@@ -44,7 +47,6 @@ log = logging.getLogger("llm_service.lmstudio")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})
 BODY_EXCERPT = 300
-MESSAGE_LIMIT = 500
 #: Pieces in which an answer's body is read (and checked against the limit).
 BODY_READ_SIZE = 65536
 #: Statuses a server answers for a path or method it does not serve: the
@@ -155,7 +157,11 @@ class LMStudioClient:
 
     One ``requests.Session`` pools connections. Every call has connect and read
     timeouts; :meth:`_call` retries the retryable failures with ``backoff`` within
-    ``retry_budget`` seconds, which bounds the whole call including waits.
+    ``retry_budget`` seconds, which bounds the whole call including waits: the
+    watchdog (:mod:`.watchdog`) ends a call at its deadline even while a read is
+    blocked, however slowly the upstream drips its bytes. A caller may pass a
+    :class:`CallScope` and cancel it from another thread (its own client left):
+    the upstream connection is then closed at once.
     """
 
     def __init__(
@@ -198,7 +204,9 @@ class LMStudioClient:
         self.session.proxies.update(settings["proxies"])
         self.session.verify = settings["verify"]
         # max_retries=0: backoff below is the only retry layer.
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        adapter = ScopedAdapter(
+            pool_connections=2, pool_maxsize=pool_size, max_retries=0
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = "llm-service"
@@ -241,11 +249,19 @@ class LMStudioClient:
     # -- public calls --------------------------------------------------------
 
     def chat_completion(
-        self, payload: dict[str, Any], *, correlation_id: str | None = None
+        self,
+        payload: dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        scope: CallScope | None = None,
     ) -> ChatResult:
         """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
         body, request_id = self._call(
-            "POST", "/v1/chat/completions", json=payload, correlation_id=correlation_id
+            "POST",
+            "/v1/chat/completions",
+            json=payload,
+            correlation_id=correlation_id,
+            scope=scope,
         )
         try:
             choice = body["choices"][0]
@@ -257,7 +273,7 @@ class LMStudioClient:
             raise LMStudioProtocolError(
                 "The upstream's chat completion has no message.",
                 status=200,
-                body=str(body)[:BODY_EXCERPT],
+                body=safe_excerpt(str(body), BODY_EXCERPT),
                 request_id=request_id,
             ) from err
         return ChatResult(
@@ -269,15 +285,28 @@ class LMStudioClient:
         )
 
     def post_json(
-        self, path: str, payload: Any, *, correlation_id: str | None = None
-    ) -> Any:
-        """POST ``payload`` to ``path`` (with retries); return the JSON answer."""
-        body, _ = self._call("POST", path, json=payload, correlation_id=correlation_id)
+        self,
+        path: str,
+        payload: Any,
+        *,
+        correlation_id: str | None = None,
+        scope: CallScope | None = None,
+    ) -> dict[str, Any]:
+        """POST ``payload`` to ``path`` (with retries); return the JSON object."""
+        body, _ = self._call(
+            "POST", path, json=payload, correlation_id=correlation_id, scope=scope
+        )
         return body
 
-    def get_json(self, path: str, *, correlation_id: str | None = None) -> Any:
-        """GET ``path`` (with retries); return the JSON answer."""
-        body, _ = self._call("GET", path, correlation_id=correlation_id)
+    def get_json(
+        self,
+        path: str,
+        *,
+        correlation_id: str | None = None,
+        scope: CallScope | None = None,
+    ) -> dict[str, Any]:
+        """GET ``path`` (with retries); return the JSON object."""
+        body, _ = self._call("GET", path, correlation_id=correlation_id, scope=scope)
         return body
 
     def open_stream(
@@ -289,24 +318,32 @@ class LMStudioClient:
         first_token_timeout: float = 120.0,
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
+        scope: CallScope | None = None,
     ) -> UpstreamStream:
         """Start a streamed completion; retried only until the upstream accepts it.
 
-        Once this returns, nothing is retried: the caller may already have sent
-        bytes to its own client.
+        The retry budget covers connecting and the retries; once a request is
+        sent, ``first_token_timeout`` runs from that moment to the first event
+        (some servers send their headers only with the first token). Once this
+        returns, nothing is retried: the caller may already have sent bytes to
+        its own client.
         """
         self._track_generation(1)
+        scope = scope or CallScope()
+        scope.after_send = first_token_timeout
         try:
             response = self._open_with_retries(
                 path,
                 {**payload, "stream": True},
                 correlation_id=correlation_id,
-                first_token_timeout=first_token_timeout,
+                scope=scope,
                 deadline=time.monotonic() + self.retry_budget,
             )
         except BaseException:
             self._track_generation(-1)
             raise
+        finally:
+            scope.finish()
         return UpstreamStream(
             response,
             first_token_timeout=first_token_timeout,
@@ -314,11 +351,14 @@ class LMStudioClient:
             total_timeout=total_timeout,
             max_line_bytes=self.max_sse_line_bytes,
             on_close=lambda: self._track_generation(-1),
+            started=scope.sent_at,
         )
 
-    def list_models(self, *, correlation_id: str | None = None) -> list[str]:
+    def list_models(
+        self, *, correlation_id: str | None = None, scope: CallScope | None = None
+    ) -> list[str]:
         """Return the model ids of ``GET /v1/models`` (with retries)."""
-        body, _ = self._call("GET", "/v1/models", correlation_id=correlation_id)
+        body = self.get_json("/v1/models", correlation_id=correlation_id, scope=scope)
         return self._model_ids(body)
 
     def is_lmstudio(self, *, timeout: float | None = None) -> bool:
@@ -327,12 +367,12 @@ class LMStudioClient:
             body, _ = self._attempt("GET", "/lmstudio-greeting", timeout=timeout)
         except LMStudioError:
             return False
-        return isinstance(body, dict) and body.get("lmstudio") is True
+        return body.get("lmstudio") is True
 
     def lmstudio_models(self, *, timeout: float | None = None) -> list[dict]:
         """Return LM Studio's ``/api/v0/models`` entries, with ``state``; no retry."""
         body, _ = self._attempt("GET", "/api/v0/models", timeout=timeout)
-        data = body.get("data") if isinstance(body, dict) else None
+        data = body.get("data")
         if not isinstance(data, list):
             raise LMStudioProtocolError("/api/v0/models answered without a data list.")
         return [entry for entry in data if isinstance(entry, dict)]
@@ -342,6 +382,9 @@ class LMStudioClient:
         started = time.perf_counter()
         timeout = self.health_timeout
         busy_before = self.generations_in_flight > 0
+        # The probe's own scope: the timeout bounds the whole probe, not a read.
+        scope = CallScope()
+        scope.set_deadline(time.monotonic() + timeout)
         try:
             response = self._send(
                 "GET",
@@ -350,11 +393,13 @@ class LMStudioClient:
                 correlation_id=None,
                 connect_timeout=timeout,
                 read_timeout=timeout,
+                scope=scope,
                 deadline=None,
             )
             body, _ = self._parse(response)
             models = self._model_ids(body)
         except LMStudioError as err:
+            scope.finish()
             latency_ms = round((time.perf_counter() - started) * 1000, 1)
             if (
                 isinstance(err, LMStudioTimeoutError)
@@ -377,6 +422,7 @@ class LMStudioClient:
                 error=describe(err),
                 cause=err.cause,
             )
+        scope.finish()
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         report = HealthReport(
             url=self.base_url,
@@ -410,15 +456,24 @@ class LMStudioClient:
         *,
         json: Any = None,
         correlation_id: str | None = None,
-    ) -> tuple[Any, str | None]:
+        scope: CallScope | None = None,
+    ) -> tuple[dict[str, Any], str | None]:
         """Make one call with retries; the whole call ends within the budget."""
-        return self._call_with_retries(
-            method,
-            path,
-            json=json,
-            correlation_id=correlation_id,
-            deadline=time.monotonic() + self.retry_budget,
-        )
+        scope = scope or CallScope()
+        deadline = time.monotonic() + self.retry_budget
+        scope.set_deadline(deadline)
+        try:
+            return self._call_with_retries(
+                method,
+                path,
+                json=json,
+                correlation_id=correlation_id,
+                scope=scope,
+                deadline=deadline,
+                observe=True,
+            )
+        finally:
+            scope.finish()
 
     def _attempt(
         self,
@@ -428,19 +483,35 @@ class LMStudioClient:
         json: Any = None,
         correlation_id: str | None = None,
         timeout: float | None = None,
+        scope: CallScope | None = None,
         deadline: float | None = None,
-    ) -> tuple[Any, str | None]:
-        """Send one request and return ``(json_body, upstream_request_id)``."""
-        response = self._send(
-            method,
-            path,
-            json=json,
-            correlation_id=correlation_id,
-            connect_timeout=timeout or self.connect_timeout,
-            read_timeout=timeout or self.read_timeout,
-            deadline=deadline,
-        )
-        return self._parse(response)
+        observe: bool = False,
+    ) -> tuple[dict[str, Any], str | None]:
+        """Send one request and return ``(json_object, upstream_request_id)``.
+
+        Without a scope (a probe), the attempt gets its own: ``timeout`` then
+        bounds it as a whole, not only each read.
+        """
+        own_scope = scope is None
+        if scope is None:
+            scope = CallScope()
+            scope.set_deadline(time.monotonic() + (timeout or self.read_timeout))
+        try:
+            response = self._send(
+                method,
+                path,
+                json=json,
+                correlation_id=correlation_id,
+                connect_timeout=timeout or self.connect_timeout,
+                read_timeout=timeout or self.read_timeout,
+                scope=scope,
+                deadline=deadline,
+                observe=observe,
+            )
+            return self._parse(response)
+        finally:
+            if own_scope:
+                scope.finish()
 
     def _attempt_stream(
         self,
@@ -448,10 +519,13 @@ class LMStudioClient:
         payload: Any,
         *,
         correlation_id: str | None,
-        first_token_timeout: float,
+        scope: CallScope,
         deadline: float,
     ) -> requests.Response:
         """Open one stream; return the response once it is a 200 event stream."""
+        # Connecting is bounded by the budget; sending the request moves the
+        # deadline to send time + the first-token timeout (scope.after_send).
+        scope.set_deadline(deadline)
         response = self._send(
             "POST",
             path,
@@ -459,9 +533,11 @@ class LMStudioClient:
             correlation_id=correlation_id,
             connect_timeout=self.connect_timeout,
             # Some servers send their headers only with the first token.
-            read_timeout=first_token_timeout,
+            read_timeout=scope.after_send or self.read_timeout,
+            scope=scope,
             deadline=deadline,
             stream=True,
+            observe=True,
         )
         content_type = response.headers.get("Content-Type", "")
         if response.status_code == 200 and content_type.startswith("text/event-stream"):
@@ -477,6 +553,10 @@ class LMStudioClient:
                 raise self._too_large(response)
             # An error status, or LM Studio's 200 with an error body: raises.
             self._parse(response)
+        except LMStudioError:
+            if scope.ended:
+                raise self._ended_error(scope, stream=True) from None
+            raise
         finally:
             response.close()
         raise LMStudioProtocolError(
@@ -493,22 +573,30 @@ class LMStudioClient:
         correlation_id: str | None,
         connect_timeout: float,
         read_timeout: float,
+        scope: CallScope,
         deadline: float | None,
         stream: bool = False,
+        observe: bool = False,
     ) -> requests.Response:
         """Send one request; translate every ``requests`` failure.
 
         This and :meth:`_status_error` are the only places that turn transport
-        failures and error answers into the client's exception tree.
+        failures and error answers into the client's exception tree. ``deadline``
+        is the retry budget's end: no attempt starts after it. ``scope`` ends the
+        attempt at its own deadline, or when cancelled, even mid-read.
         """
         connect, read = connect_timeout, read_timeout
+        if scope.ended:
+            raise self._ended_error(scope, stream)
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LMStudioTimeoutError(
                     "The upstream call ran out of its time budget."
                 )
-            connect, read = min(connect, remaining), min(read, remaining)
+            connect = min(connect, remaining)
+            if not stream:
+                read = min(read, remaining)
         headers = {}
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
@@ -520,49 +608,35 @@ class LMStudioClient:
         if generation:
             self._track_generation(1)
         try:
-            response = self.session.request(
-                method,
-                self.base_url + path,
-                json=json,
-                headers=headers,
-                timeout=(connect, read),
-                stream=True,
-            )
-            # Read here, so a failure half-way is translated like any other.
-            fits = stream or self._read_body(response)
-        except requests.ConnectTimeout as err:
-            self._observe(None)
-            raise LMStudioConnectTimeoutError(
-                f"Timed out connecting to the upstream after {connect:g} s."
-            ) from err
-        except requests.ReadTimeout as err:
-            self._observe(None)
-            raise LMStudioTimeoutError(
-                f"The upstream did not answer within {read:g} s."
-            ) from err
-        except requests.ConnectionError as err:
-            self._observe(None)
-            if err.args and isinstance(err.args[0], ReadTimeoutError):
-                raise LMStudioTimeoutError(
-                    f"The upstream did not finish its answer within {read:g} s."
-                ) from err
-            cause, seen = _transport_cause(err)
-            if cause == "not_http":
-                raise LMStudioProtocolError(
-                    "The upstream's answer was not HTTP.", cause=cause, body=seen
-                ) from err
-            raise LMStudioConnectionError(
-                "Could not connect to the upstream.", cause=cause
-            ) from err
+            with scope.active():
+                response = self.session.request(
+                    method,
+                    self.base_url + path,
+                    json=json,
+                    headers=headers,
+                    timeout=(connect, read),
+                    stream=True,
+                )
+                # Read here, in bounded pieces and under the scope's watch, so
+                # a failure half-way is translated like any other.
+                fits = stream or self._read_body(response)
         except requests.RequestException as err:
-            self._observe(None)
-            raise LMStudioProtocolError(
-                "The upstream's answer was not valid HTTP.", cause="not_http"
-            ) from err
+            if observe:
+                self._observe(None)
+            if scope.ended:
+                raise self._ended_error(scope, stream) from err
+            raise self._transport_error(err, connect, read, stream) from err
         finally:
             if generation:
                 self._track_generation(-1)
-        self._observe(response.status_code)
+        if scope.ended:
+            # The read ended early: what arrived is cut short, not an answer.
+            response.close()
+            if observe:
+                self._observe(None)
+            raise self._ended_error(scope, stream)
+        if observe:
+            self._observe(response.status_code)
         if not fits:
             raise self._too_large(response)
         return response
@@ -597,12 +671,70 @@ class LMStudioClient:
             request_id=response.headers.get("x-request-id"),
         )
 
-    def _parse(self, response: requests.Response) -> tuple[Any, str | None]:
+    def _transport_error(
+        self,
+        error: requests.RequestException,
+        connect: float,
+        read: float,
+        stream: bool,
+    ) -> LMStudioError:
+        if isinstance(error, requests.ConnectTimeout):
+            return LMStudioConnectTimeoutError(
+                f"Timed out connecting to the upstream after {connect:g} s."
+            )
+        read_timed_out = isinstance(error, requests.ReadTimeout) or (
+            isinstance(error, requests.ConnectionError)
+            and error.args
+            and isinstance(error.args[0], ReadTimeoutError)
+        )
+        if read_timed_out and stream:
+            return self._first_token_timeout(read)
+        if isinstance(error, requests.ReadTimeout):
+            return LMStudioTimeoutError(
+                f"The upstream did not answer within {read:g} s."
+            )
+        if read_timed_out:
+            return LMStudioTimeoutError(
+                f"The upstream did not finish its answer within {read:g} s."
+            )
+        if isinstance(error, requests.ConnectionError):
+            cause, seen = _transport_cause(error)
+            if cause == "not_http":
+                return LMStudioProtocolError(
+                    "The upstream's answer was not HTTP.", cause=cause, body=seen
+                )
+            return LMStudioConnectionError(
+                "Could not connect to the upstream.", cause=cause
+            )
+        return LMStudioProtocolError(
+            "The upstream's answer was not valid HTTP.", cause="not_http"
+        )
+
+    def _ended_error(self, scope: CallScope, stream: bool) -> LMStudioError:
+        """The error for a call its scope ended: cancelled, or out of time."""
+        if scope.reason == CANCELLED:
+            return LMStudioCancelledError(
+                "The call was cancelled: its client went away."
+            )
+        if stream and scope.sent_at is not None and scope.after_send is not None:
+            return self._first_token_timeout(scope.after_send)
+        return LMStudioTimeoutError(
+            f"The upstream did not finish its answer within the call's "
+            f"{self.retry_budget:g} s budget."
+        )
+
+    @staticmethod
+    def _first_token_timeout(seconds: float) -> LMStudioStreamTimeoutError:
+        return LMStudioStreamTimeoutError(
+            f"The upstream sent nothing within {seconds:g} s.", kind="first_token"
+        )
+
+    def _parse(self, response: requests.Response) -> tuple[dict[str, Any], str | None]:
         status = response.status_code
         request_id = response.headers.get("x-request-id")
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         message, code = error_message(body)
         is_error_body = isinstance(body, dict) and "error" in body
@@ -617,7 +749,7 @@ class LMStudioClient:
                 code,
                 path=response.request.path_url if response.request else None,
                 api_error=is_error_body,
-                body=response.text[:BODY_EXCERPT],
+                body=safe_excerpt(response.text, BODY_EXCERPT),
                 request_id=request_id,
                 retry_after=_retry_after_seconds(
                     response.headers.get("Retry-After"), self.retry_after_max
@@ -627,12 +759,15 @@ class LMStudioClient:
                 # It explained itself: the same request fails the same way.
                 error.retryable = False
             raise error
-        if body is None:
+        if not isinstance(body, dict):
+            # OpenAI's API answers objects only: a bare 5, true, "text" or a
+            # list is some other server (or a broken one), never an answer.
+            problem = "not JSON" if body is None else "not a JSON object"
             content_type = response.headers.get("Content-Type", "")
             raise LMStudioProtocolError(
-                "The upstream's answer is not JSON.",
+                f"The upstream's answer is {problem}.",
                 status=status,
-                body=response.text[:BODY_EXCERPT],
+                body=safe_excerpt(response.text, BODY_EXCERPT),
                 request_id=request_id,
                 # A web page where the API should be: another web server.
                 cause="not_openai" if "html" in content_type else None,
@@ -656,8 +791,9 @@ class LMStudioClient:
         A 404, 405 or 501 without the API's ``{"error": ...}`` body comes from
         something that does not serve the API at that path (``api_error``).
         """
-        text = message[:MESSAGE_LIMIT]
-        lowered = message.lower()
+        # Relayed to clients (and shown on /health): capped, credentials masked.
+        text = safe_excerpt(message)
+        lowered = message[:10_000].lower()
         if code == LOOP_CODE or status == 508:
             return LMStudioLoopError(
                 "The upstream is this gateway itself (the request came back to "
@@ -706,11 +842,14 @@ class LMStudioClient:
     @staticmethod
     def _log_retry(details: dict) -> None:
         error = details["exception"]
+        # Never the upstream's text: it may quote the prompt or the token.
         log.warning(
-            "upstream attempt %d failed (%s: %s); retrying in %.2f s",
+            "upstream attempt %d failed (%s, upstream status %s, message of %d "
+            "characters); retrying in %.2f s",
             details["tries"],
             type(error).__name__,
-            error.message,
+            error.status,
+            len(error.message),
             details["wait"],
         )
 

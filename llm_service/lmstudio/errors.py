@@ -7,7 +7,40 @@ nothing reached the model, or the upstream asked us to come back later.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+#: Longest upstream message relayed to a client (it may echo the whole request).
+MESSAGE_LIMIT = 500
+MASK = "***"
+# What looks like a credential in text an upstream sends back (it may echo our
+# own request, Authorization header included): masked before it goes anywhere.
+_SECRETS = (
+    # URL userinfo: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"<>]+@"), rf"\1{MASK}@"),
+    # Authorization schemes: Bearer/Basic/Token <credential>
+    (
+        re.compile(r"(?i)\b(bearer|basic|token|apikey)(\s+|%20)[A-Za-z0-9._~+/=:-]+"),
+        rf"\1\2{MASK}",
+    ),
+    # Well-known key shapes: sk-..., sk-proj-..., lm-studio-..., ghp_..., xoxb-...
+    (
+        re.compile(
+            r"\b(sk|pk|rk)-[A-Za-z0-9_-]{8,}|\bgh[pousr]_[A-Za-z0-9]{16,}"
+            r"|\bxox[abprs]-[A-Za-z0-9-]{8,}|\bAKIA[0-9A-Z]{16}\b"
+        ),
+        MASK,
+    ),
+    # key=value and "key": "value" pairs whose key names a secret.
+    (
+        re.compile(
+            r"(?i)([\"']?[\w.-]*(?:api[_-]?key|token(?!s)|secret|passw(?:or)?d|pwd"
+            r"|authorization|credential|session|cookie|private[_-]?key)[\w.-]*"
+            r"[\"']?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&}\]]+)"
+        ),
+        rf"\1{MASK}",
+    ),
+)
 
 
 class LMStudioError(Exception):
@@ -61,6 +94,13 @@ class LMStudioConnectTimeoutError(LMStudioConnectionError):
     """The upstream did not accept the connection in time. Safe to retry."""
 
     cause = "timeout"
+
+
+class LMStudioCancelledError(LMStudioError):
+    """The caller cancelled the call (its own client went away).
+
+    The upstream connection was closed, so the upstream stops working on it.
+    """
 
 
 class LMStudioTimeoutError(LMStudioError):
@@ -181,3 +221,22 @@ def error_message(body: Any) -> tuple[str | None, str | None]:
         if body.get(key):
             return str(body[key]), None
     return None, None
+
+
+def redact(text: str) -> str:
+    """Mask what looks like a credential: tokens, keys, URL passwords, secrets."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def safe_excerpt(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """Return upstream text fit to relay: credentials masked, at most ``limit``.
+
+    Masks before cutting (a cut could split a token the patterns would miss),
+    on a bounded slice so a huge body costs little.
+    """
+    masked = redact(text[: limit * 2 + 200])
+    if len(masked) <= limit and len(text) <= limit * 2 + 200:
+        return masked
+    return masked[: limit - 1] + "\u2026"

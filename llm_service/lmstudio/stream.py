@@ -31,6 +31,7 @@ from .errors import (
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
     error_message,
+    safe_excerpt,
 )
 from .sse import SSEEvent, SSELineTooLongError, SSEParser
 
@@ -134,13 +135,15 @@ class UpstreamStream:
         max_line_bytes: int | None = None,
         buffer_bytes: int = BUFFER_BYTES,
         on_close: Callable[[], None] | None = None,
+        started: float | None = None,
     ) -> None:
         self.response = response
         self._on_close = on_close
         self.request_id = response.headers.get("x-request-id")
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
-        self.started = time.monotonic()
+        #: When the request was sent: the first-token limit runs from here.
+        self.started = started if started is not None else time.monotonic()
         #: When the stream must end (``time.monotonic``), whatever is happening.
         self.total_deadline = self.started + total_timeout
         self.max_line_bytes = max_line_bytes
@@ -237,7 +240,9 @@ class UpstreamStream:
                 payload = None
             message = _stream_error(payload)
             if message is not None:
-                raise LMStudioStreamError(message[:500], request_id=self.request_id)
+                raise LMStudioStreamError(
+                    safe_excerpt(message), request_id=self.request_id
+                )
         if not self.saw_finish and _finishes(event.data):
             self.saw_finish = True
 

@@ -82,6 +82,10 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     # A plain web server (nginx, python -m http.server) where the API should be:
     # an HTML 404 for GET, an HTML 405 for other methods (or ``status``).
     "web_server": frozenset({"status"}),
+    # One byte every `interval` seconds, of the headers, the body or both.
+    "drip": frozenset({"interval", "part"}),
+    # An error answer that quotes the request: headers (Authorization too) and body.
+    "echo": frozenset({"status"}),
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset(
@@ -866,6 +870,13 @@ class _Handler(BaseHTTPRequestHandler):
             status = params.get("status", 404 if self.command == "GET" else 405)
             page = f"<html><body><h1>{status}</h1><hr>nginx</body></html>"
             self._send_bytes(status, page.encode(), "text/html")
+        elif kind == "drip":
+            self._drip(params.get("interval", 1.0), params.get("part", "both"))
+        elif kind == "echo":
+            assert self.record is not None
+            quoted = {"headers": self.record.headers, "body": self.record.body.decode()}
+            message = f"Invalid request, you sent: {json.dumps(quoted)}"
+            self._send_json(params.get("status", 400), {"error": {"message": message}})
         return True
 
     def _flood_answer(self, size: int, chunked: bool) -> None:
@@ -887,6 +898,43 @@ class _Handler(BaseHTTPRequestHandler):
         write(tail)
         if chunked:
             self._write_chunk(b"")
+
+    def _drip(self, interval: float, part: str) -> None:
+        """Answer a chat completion one byte at a time (``part``: what drips)."""
+        if part not in ("headers", "body", "both"):
+            raise ValueError(f"drip part must be headers, body or both, not {part!r}")
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Drip."},
+            "finish_reason": "stop",
+        }
+        body = _dumps(
+            {
+                "id": self.fake._new_id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": (self.fake.loaded or self.fake.models or ["fake"])[0],
+                "choices": [choice],
+            }
+        )
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        self.headers_sent = True
+        if self.record is not None:
+            self.record.status = 200
+        for name, data in (("headers", head), ("body", body)):
+            if part not in (name, "both"):
+                self._write(data)
+                continue
+            for index in range(len(data)):
+                if index and not self._wait(interval):
+                    raise _Abort
+                self._write(data[index : index + 1])
+        self._close("server")
 
     def _reset(self, rst: bool) -> None:
         """Close the socket without a word: FIN, or RST when ``rst``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -165,6 +166,41 @@ def test_closing_a_stream_early_stops_generation(live_gateway, model_server):
     stream.close()
     left = time.monotonic()
     # One request at a time runs on llama.cpp's server: if the abandoned
+    # generation went on (~400 tokens, many seconds), this one would wait.
+    response = ask(live_gateway, max_tokens=1)
+    waited = time.monotonic() - left
+    assert response.status_code == 200
+    assert waited < 5, f"the next request waited {waited:.1f} s"
+
+
+def test_hanging_up_a_non_streamed_request_stops_generation(live_gateway):
+    """A client that leaves a non-streamed call frees the model server too.
+
+    The gateway closes the upstream connection when the client hangs up. LM
+    Studio and llama.cpp's llama-server stop generating then; llama-cpp-python's
+    server runs a non-streamed generation to its end whatever happens to the
+    connection, so there this test shows that limit of the upstream.
+    """
+    payload = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "Write a long story about a dragon."}
+            ],
+            "max_tokens": 400,
+            "temperature": 0.8,
+        }
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", live_gateway.port), timeout=10)
+    sock.sendall(
+        b"POST /llm/message HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    time.sleep(2)  # the generation is under way
+    sock.close()
+    left = time.monotonic()
+    # One request at a time runs on the model server: if the abandoned
     # generation went on (~400 tokens, many seconds), this one would wait.
     response = ask(live_gateway, max_tokens=1)
     waited = time.monotonic() - left
