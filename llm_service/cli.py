@@ -8,6 +8,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from .config import redact_url
 from .lmstudio import LMStudioAuthError, LMStudioError, describe
 from .upstream import get_upstream
 
@@ -18,11 +19,12 @@ lmstudio = AppGroup("lmstudio", help="Check the connection to LM Studio.")
 def ping() -> None:
     """Probe the upstream once: URL, latency and model count."""
     report = get_upstream().client.probe()
+    url = redact_url(report.url)
     if not report.reachable:
-        click.echo(f"FAIL {report.url}: {report.error}", err=True)
+        click.echo(f"FAIL {url}: {report.error}", err=True)
         raise SystemExit(1)
     click.echo(
-        f"OK {report.url} ({report.server}) in {report.latency_ms:.1f} ms, "
+        f"OK {url} ({report.server}) in {report.latency_ms:.1f} ms, "
         f"{len(report.models)} model(s)"
     )
 
@@ -56,7 +58,7 @@ def check(generate: bool) -> None:
     """Diagnose the upstream step by step; exit non-zero when a step fails."""
     client = get_upstream().client
     steps = _Steps()
-    url = client.base_url
+    url = redact_url(client.base_url)
 
     started = time.perf_counter()
     try:

@@ -7,7 +7,9 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, url_for
 
 from . import __version__
+from .config import redact_url
 from .errors import UNAVAILABLE_RETRY_AFTER
+from .limits import storage_state
 from .lmstudio import HealthReport
 from .openapi import documented
 from .pipeline import correlation_id
@@ -31,7 +33,7 @@ def _uptime() -> float:
 
 def _upstream_view(report: HealthReport) -> dict:
     return {
-        "url": report.url,
+        "url": redact_url(report.url),
         "reachable": report.reachable,
         "latency_ms": report.latency_ms,
         "server": report.server,
@@ -42,7 +44,7 @@ def _upstream_view(report: HealthReport) -> dict:
 
 
 def _unreachable(report: HealthReport) -> str:
-    return f"LM Studio is not reachable at {report.url}: {report.error}"
+    return f"LM Studio is not reachable at {redact_url(report.url)}: {report.error}"
 
 
 def _answer(body: dict, healthy: bool, code: str, reason: str | None) -> Response:
@@ -86,6 +88,7 @@ def health():
         "version": __version__,
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
+        "rate_limit_storage": storage_state(),
     }
     return _answer(body, report.reachable, "upstream_unavailable", _unreachable(report))
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from llm_service import create_app  # noqa: E402
 from llm_service import local_backend as backend  # noqa: E402
-from llm_service.config import ConfigError  # noqa: E402
+from llm_service.config import ConfigError, redact_url  # noqa: E402
 
 
 def say(message: str) -> None:
@@ -34,16 +34,17 @@ def start_local_backend(url: str) -> backend.LocalModelServer | None:
     """Start the bundled model server at ``url``'s port when it makes sense."""
     parts = urlsplit(url)
     host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
+    shown = redact_url(url)
     try:
         backend.require_loopback_host(host)
     except backend.LocalBackendError:
         say(
-            f"no model server answers at {url} (not on this machine, so nothing "
+            f"no model server answers at {shown} (not on this machine, so nothing "
             "is started): /llm/message answers 503 until it does"
         )
         return None
     say(
-        f"no LM Studio at {url}: starting the bundled model server "
+        f"no LM Studio at {shown}: starting the bundled model server "
         f"({backend.MODEL_ALIAS}, llama.cpp) there; "
         "set LLM_SERVICE_LOCAL_BACKEND=off to skip"
     )
@@ -67,12 +68,13 @@ def main() -> int:
         print(f"llm-service: configuration error: {err}", file=sys.stderr)
         return 3
     url = config["LM_STUDIO_BASE_URL"]
+    shown = redact_url(url)
     server = None
     if backend.is_model_server_up(url):
-        say(f"using the model server at {url}")
+        say(f"using the model server at {shown}")
     elif config["LOCAL_BACKEND"] == "off":
         say(
-            f"no model server answers at {url} and LLM_SERVICE_LOCAL_BACKEND=off: "
+            f"no model server answers at {shown} and LLM_SERVICE_LOCAL_BACKEND=off: "
             "/llm/message answers 503 until one runs"
         )
     else:
