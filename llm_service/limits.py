@@ -234,6 +234,9 @@ def init_app(app: Flask) -> None:
         # limits instead of failing or stalling requests; Flask-Limiter checks it
         # again after 1, 2, 4 ... 32 s and switches back when it answers.
         in_memory_fallback_enabled=True,
+        # A request whose store call fails just after another thread switched to
+        # the fallback would otherwise be a 500: it is let through (and logged).
+        swallow_errors=True,
         # Flask-Limiter would put Retry-After on every answer, successes included,
         # and override the upstream's own; _add_rate_limit_headers is precise.
         headers_enabled=False,

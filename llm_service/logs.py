@@ -24,7 +24,7 @@ from .config import REDACTED, secret_values
 ROOT_LOGGER = "llm_service"
 #: Third-party loggers whose records go through the same handler: flask-limiter
 #: says there when the shared limit store is lost and found again.
-LIBRARY_LOGGERS = {"flask-limiter": logging.WARNING}
+LIBRARY_LOGGERS = ("flask-limiter",)
 _HANDLER_NAME = "llm_service.stderr"
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
@@ -168,11 +168,22 @@ def init_app(app: Flask) -> None:
     logger.setLevel(app.config["LOG_LEVEL"])
     # The package's records go to this handler only, not twice via the root.
     logger.propagate = False
-    for name, level in LIBRARY_LOGGERS.items():
+    for name in LIBRARY_LOGGERS:
         library = logging.getLogger(name)
         for old in list(library.handlers):
             if old.get_name() == _HANDLER_NAME:
                 library.removeHandler(old)
         library.addHandler(handler)
-        library.setLevel(max(level, logger.level))
+        library.setLevel(logger.level)
         library.propagate = False
+    handler.addFilter(_library_filter)
+
+
+def _library_filter(record: logging.LogRecord) -> bool:
+    """Keep a library's warnings and its news about the limit store, nothing more.
+
+    flask-limiter also logs every 429 at INFO, which the access record says.
+    """
+    if not record.name.startswith(LIBRARY_LOGGERS):
+        return True
+    return record.levelno >= logging.WARNING or "storage" in str(record.msg)

@@ -403,3 +403,22 @@ def test_store_failing_after_the_hit_is_not_a_500(app_factory, monkeypatch):
     limited = client.post("/llm/message", json={})
     assert limited.status_code == 429
     assert limited.headers["Retry-After"] == "60"
+
+
+def test_store_failing_while_another_thread_falls_back_is_not_a_500(
+    app_factory, monkeypatch
+):
+    """Threads whose store call fails after another thread switched to memory."""
+    import redis
+
+    from llm_service.limits import EXTENSION
+
+    app = app_factory(RATE_LIMIT_STORAGE_URI="redis://127.0.0.1:1/0")
+    limiter = app.extensions[EXTENSION]
+
+    def fail_after_another_thread_switched(*args, **kwargs):
+        limiter._storage_dead = True  # what the other thread just did
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(limiter._limiter, "hit", fail_after_another_thread_switched)
+    assert app.test_client().post("/llm/message", json={}).status_code == 422
