@@ -37,7 +37,7 @@ def start_local_backend(url: str) -> backend.LocalModelServer | None:
     shown = redact_url(url)
     try:
         backend.require_loopback_host(host)
-    except backend.LocalBackendError:
+    except (ValueError, backend.LocalBackendError):  # not on this machine
         say(
             f"no model server answers at {shown} (not on this machine, so nothing "
             "is started): /llm/message answers 503 until it does"

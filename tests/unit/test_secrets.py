@@ -169,3 +169,18 @@ def test_config_error_hides_userinfo(monkeypatch, name, value):
     assert f"LLM_SERVICE_{name}=" in message
     assert "***@" in message
     assert_no_secret(message)
+
+
+def test_make_run_messages_hide_userinfo(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "run_gateway.py"
+    spec = importlib.util.spec_from_file_location("run_gateway", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # Not on this machine: nothing is started, and the script says so.
+    assert module.start_local_backend("http://admin:pa55word@192.0.2.1:1234") is None
+    output = capsys.readouterr().out
+    assert "http://***@192.0.2.1:1234" in output
+    assert_no_secret(output)
