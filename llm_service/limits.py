@@ -39,6 +39,8 @@ CORS_METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
 #: Longest wait, in seconds, for the shared limit store to connect or answer;
 #: after it the request is counted in this process instead (see init_app).
 STORAGE_TIMEOUT = 0.5
+#: The limit's window: a client told to wait without the exact count waits this.
+WINDOW_SECONDS = 60
 EXTENSION = "llm_service.limiter"
 
 
@@ -101,9 +103,6 @@ class WindowCounterStorage(Storage):
         self._swept_at = now
         for key in [k for k, (_, expires) in self._windows.items() if expires <= now]:
             del self._windows[key]
-
-
-WINDOW_SECONDS = 60
 
 
 def _per_minute_limit() -> str:
