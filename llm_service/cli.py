@@ -11,7 +11,14 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from .lmstudio import CAUSES, HealthReport, LMStudioError, cause_of, describe
+from .config import redact_url
+from .lmstudio import (
+    CAUSES,
+    HealthReport,
+    LMStudioError,
+    cause_of,
+    describe,
+)
 from .logs import ROOT_LOGGER
 from .upstream import get_upstream
 
@@ -42,13 +49,14 @@ def ping() -> None:
     """Probe the upstream once: URL, latency and model count."""
     with _quiet_logs():
         report = get_upstream().client.probe()
+    url = redact_url(report.url)
     if not report.reachable:
-        click.echo(f"FAIL {report.url}: {report.error}", err=True)
+        click.echo(f"FAIL {url}: {report.error}", err=True)
         if _advice(report):
             click.echo(f"  -> {_advice(report)}", err=True)
         raise SystemExit(1)
     click.echo(
-        f"OK {report.url} ({report.server}) in {report.latency_ms:.1f} ms, "
+        f"OK {url} ({report.server}) in {report.latency_ms:.1f} ms, "
         f"{len(report.models)} model(s)"
     )
 
@@ -95,7 +103,7 @@ def check(generate: bool) -> None:
 def _diagnose(generate: bool) -> _Steps:
     client = get_upstream().client
     steps = _Steps()
-    url = client.base_url
+    url = redact_url(client.base_url)
 
     started = time.perf_counter()
     report = client.probe()

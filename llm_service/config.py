@@ -12,12 +12,13 @@ import difflib
 import ipaddress
 import json
 import os
+import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ENV_PREFIX = "LLM_SERVICE"
 #: Variables with the prefix that are read outside :data:`SETTINGS`: the file
@@ -37,10 +38,92 @@ class Setting:
     default: Any
     parse: Callable[[str, Any], Any]
     help: str
+    #: ``"url"``: a URL (or list of them) whose userinfo and query values are
+    #: secret; ``"secret"``: the whole value is. Neither is ever shown or logged.
+    sensitive: str = ""
 
     @property
     def env_var(self) -> str:
         return f"{ENV_PREFIX}_{self.name}"
+
+
+#: A URL's ``scheme://`` and its authority (``user:password@host:port``).
+_AUTHORITY = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:)?//(?P<authority>[^/?#]*)"
+)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its userinfo and query values replaced by ``***``.
+
+    ``http://admin:pa55word@host:1234/v1?token=abc`` becomes
+    ``http://***@host:1234/v1?token=***``. Works on any text, valid URL or not
+    (it must, to be used in the message that says a URL is invalid), and on
+    several hosts (``redis+sentinel://:pw@h1:26379,h2:26379``).
+    """
+    text = str(url)
+    match = _AUTHORITY.match(text)
+    if match is None:
+        # No "//": a "user:pw@host" without a scheme is still redacted.
+        head, sep, tail = text.partition("/")
+        if "@" in head:
+            text = REDACTED + "@" + head.rpartition("@")[2] + sep + tail
+        return _redact_query(text)
+    authority = match["authority"]
+    if "@" in authority:
+        authority = REDACTED + "@" + authority.rpartition("@")[2]
+    scheme = match["scheme"] or ""
+    return scheme + "//" + authority + _redact_query(text[match.end() :])
+
+
+def _redact_query(text: str) -> str:
+    rest, hash_, _fragment = text.partition("#")
+    path, question, query = rest.partition("?")
+    if not question:
+        return rest + (hash_ and "#" + REDACTED)
+    names = [part.partition("=")[0] for part in query.split("&") if part]
+    query = "&".join(f"{name}={REDACTED}" for name in names)
+    return path + "?" + query + (hash_ and "#" + REDACTED)
+
+
+def _url_secrets(url: str) -> Iterator[str]:
+    """Yield the secret parts of ``url``: userinfo, password, query values."""
+    match = _AUTHORITY.match(url)
+    authority = match["authority"] if match else url.partition("/")[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if at and userinfo:
+        user, colon, password = userinfo.partition(":")
+        yield userinfo
+        # A lone user name is a token (https://TOKEN@host); a user name before
+        # a password is not secret, and too common a word to scrub everywhere.
+        yield from (password,) if colon else (user,)
+    query = url.partition("#")[0].partition("?")[2]
+    for _, value in parse_qsl(query, keep_blank_values=False):
+        yield value
+    yield from (part for part in url.partition("#")[2:] if part)
+
+
+def secret_values(config: dict) -> list[str]:
+    """Return every secret held by a sensitive setting, longest first.
+
+    Logs scrub these from each formatted line, tracebacks included. Each
+    appears raw and percent-decoded; parts under four characters are skipped
+    (scrubbing "a" or "12" would mangle every line without protecting much).
+    """
+    found: set[str] = set()
+    for setting in SETTINGS:
+        if not setting.sensitive:
+            continue
+        values = config.get(setting.name)
+        values = values if isinstance(values, list | tuple) else [values]
+        for value in values:
+            if not isinstance(value, str) or not value:
+                continue
+            parts = [value] if setting.sensitive == "secret" else _url_secrets(value)
+            for part in parts:
+                found.update({part, unquote(part)})
+    return sorted((v for v in found if len(v) >= 4), key=len, reverse=True)
 
 
 def _fail(name: str, value: Any, expected: str) -> ConfigError:
@@ -159,13 +242,14 @@ def _http_url(name: str, value: Any) -> str | None:
     text = _optional_text(name, value)
     if text is None:
         return None
-    parts = urlsplit(text)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise _fail(name, value, "an http:// or https:// URL such as http://host:1234")
+    shown = redact_url(text)  # the message must not show a password
     try:
+        parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise _fail(name, value, "a URL with a valid port") from None
+        raise _fail(name, shown, "a URL with a valid host and port") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise _fail(name, shown, "an http:// or https:// URL such as http://host:1234")
     return text
 
 
@@ -173,8 +257,45 @@ def _storage_uri(name: str, value: Any) -> str:
     text = _text(name, value)
     scheme = text.split("://", 1)[0] if "://" in text else ""
     if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "memcached"}:
-        raise _fail(name, value, "a storage URI such as memory:// or redis://host:6379")
+        raise _fail(
+            name,
+            redact_url(text),
+            "a storage URI such as memory:// or redis://host:6379",
+        )
     return text
+
+
+#: Where forwarded headers are believed by default: this machine only.
+LOOPBACK = ["127.0.0.0/8", "::1"]
+#: In TRUSTED_PROXY_ADDRESSES, stands for peers on a Unix socket (no address).
+UNIX_PEER = "unix"
+
+
+def _networks(name: str, value: Any) -> list[str]:
+    """Parse a list of IP addresses or CIDR networks (and ``unix``)."""
+    items = _string_list(name, value)
+    if items is None:
+        return []
+    networks = []
+    for item in items:
+        if item.lower() == UNIX_PEER:
+            networks.append(UNIX_PEER)
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise _fail(
+                name,
+                value,
+                'a JSON list of IP addresses or networks such as ["10.0.0.0/8"]',
+            ) from None
+    return networks
+
+
+def _host_list(name: str, value: Any) -> list[str] | None:
+    """Parse host names, lower-cased: the Host header is compared case-blind."""
+    items = _string_list(name, value)
+    return [item.lower() for item in items] if items is not None else None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -185,7 +306,9 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         _http_url,
         "Full base URL of the upstream (e.g. `https://llm.internal:8443`); "
-        "overrides host and port. A trailing `/v1` is accepted.",
+        "overrides host and port. A trailing `/v1` is accepted. Credentials in "
+        "it are never shown (`http://***@host`).",
+        sensitive="url",
     ),
     Setting(
         "LM_STUDIO_TIMEOUT",
@@ -205,6 +328,7 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_text,
         "Bearer token for LM Studio's *Require Authentication* (sent upstream, "
         "never logged).",
+        sensitive="secret",
     ),
     Setting(
         "LM_STUDIO_RETRIES",
@@ -303,14 +427,17 @@ SETTINGS: tuple[Setting, ...] = (
         "RATE_LIMIT_REQUESTS",
         100,
         _integer(1),
-        "Requests per minute per client address on the API routes.",
+        "Requests per minute per client address, counted once across all the "
+        "API routes together.",
     ),
     Setting(
         "RATE_LIMIT_STORAGE_URI",
         "memory://",
         _storage_uri,
         "Where rate-limit counters live: `memory://` (one gunicorn process) or "
-        "`redis://host:6379/0` (shared).",
+        "`redis://host:6379/0` (shared). A shared store that is slow (0.5 s) or "
+        "down is replaced by per-process counters until it is back.",
+        sensitive="url",
     ),
     Setting(
         "LOG_LEVEL",
@@ -330,9 +457,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TRUSTED_HOSTS",
         None,
-        _string_list,
+        _host_list,
         'Accepted `Host` header values as a JSON list (`["api.example.com"]`); '
-        "any by default. Others get 400.",
+        "any by default. Others get 400. Compared case-insensitively.",
     ),
     Setting(
         "LOCAL_BACKEND",
@@ -354,7 +481,16 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         _integer(0, 10),
         "Number of reverse proxies in front of the gateway whose "
-        "`X-Forwarded-*` headers are trusted.",
+        "`X-Forwarded-*` headers are trusted; they are believed only from a peer "
+        "in `LLM_SERVICE_TRUSTED_PROXY_ADDRESSES`.",
+    ),
+    Setting(
+        "TRUSTED_PROXY_ADDRESSES",
+        LOOPBACK,
+        _networks,
+        "Addresses or networks of those proxies, as a JSON list "
+        '(`["10.0.0.5", "10.1.0.0/16"]`; `"unix"` for a Unix socket). '
+        "`X-Forwarded-*` from any other peer is ignored.",
     ),
 )
 

@@ -7,7 +7,9 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, url_for
 
 from . import __version__
+from .config import redact_url
 from .errors import UNAVAILABLE_RETRY_AFTER
+from .limits import storage_state
 from .lmstudio import HealthReport
 from .openapi import documented
 from .pipeline import correlation_id
@@ -40,7 +42,7 @@ _CAUSE_CODES = {
 
 def _upstream_view(report: HealthReport) -> dict:
     return {
-        "url": report.url,
+        "url": redact_url(report.url),
         "reachable": report.reachable,
         "busy": report.busy,
         "latency_ms": report.latency_ms,
@@ -58,8 +60,10 @@ _UNREACHABLE = frozenset({"dns", "refused", "unreachable", "timeout"})
 
 def _unreachable(report: HealthReport) -> str:
     if report.cause in _UNREACHABLE:
-        return f"The upstream at {report.url} is not reachable: {report.error}"
-    return f"The upstream at {report.url} answers but cannot serve: {report.error}"
+        return (
+            f"The upstream at {redact_url(report.url)} is not reachable: {report.error}"
+        )
+    return f"The upstream at {redact_url(report.url)} answers but cannot serve: {report.error}"
 
 
 def _answer(
@@ -111,6 +115,7 @@ def health():
         "version": __version__,
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
+        "rate_limit_storage": storage_state(),
     }
     return _answer(
         body,

@@ -1,19 +1,27 @@
-"""The edge of the app: who the client is (ProxyFix), rate limits and CORS."""
+"""The edge of the app: who the client is (trusted proxies), rate limits and CORS."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, Response, current_app, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from limits.storage import Storage
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .config import UNIX_PEER
 from .pipeline import CORRELATION_HEADER
+
+log = logging.getLogger("llm_service.limits")
 
 EXPOSED_HEADERS = [
     CORRELATION_HEADER,
@@ -26,6 +34,14 @@ EXPOSED_HEADERS = [
 #: Blueprints whose routes are never rate limited: monitoring must always work,
 #: and the API's documentation costs nothing to serve.
 UNLIMITED_BLUEPRINTS = frozenset({"health", "docs"})
+#: The methods some route accepts (HEAD with every GET): CORS advertises no other.
+CORS_METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
+#: Longest wait, in seconds, for the shared limit store to connect or answer;
+#: after it the request is counted in this process instead (see init_app).
+STORAGE_TIMEOUT = 0.5
+#: The limit's window: a client told to wait without the exact count waits this.
+WINDOW_SECONDS = 60
+EXTENSION = "llm_service.limiter"
 
 
 class WindowCounterStorage(Storage):
@@ -104,40 +120,150 @@ def _storage_uri(configured: str) -> str:
     return configured
 
 
+def _storage_options(configured: str) -> dict[str, Any]:
+    """Bound every wait on a shared store: a frozen Redis must cost ≤ 0.5 s.
+
+    redis-py waits forever by default and retries three times with backoff, so
+    a stopped Redis held each request for seconds. Here one connect or read
+    waits ``STORAGE_TIMEOUT`` at most and is not retried: the in-memory fallback
+    takes over instead.
+    """
+    scheme = configured.partition("://")[0]
+    if scheme.startswith("redis"):
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        timeouts = {
+            "socket_timeout": STORAGE_TIMEOUT,
+            "socket_connect_timeout": STORAGE_TIMEOUT,
+        }
+        options: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), 0)}
+        if scheme == "redis+sentinel":
+            options["sentinel_kwargs"] = dict(timeouts)
+        return options
+    if scheme == "memcached":  # pymemcache's names
+        return {"connect_timeout": STORAGE_TIMEOUT, "timeout": STORAGE_TIMEOUT}
+    return {}
+
+
+def _peer_filter(trusted: Iterable[str]) -> Callable[[str | None], bool]:
+    """Return a test for "this direct peer is one of the trusted proxies"."""
+    allow_unix = UNIX_PEER in trusted
+    networks = [ipaddress.ip_network(t) for t in trusted if t != UNIX_PEER]
+
+    def is_trusted(remote_addr: str | None) -> bool:
+        if not remote_addr:
+            return allow_unix  # gunicorn on a Unix socket gives no address
+        try:
+            address = ipaddress.ip_address(remote_addr.partition("%")[0])
+        except ValueError:
+            return allow_unix
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+
+    return is_trusted
+
+
+class ForwardedHeaders:
+    """WSGI middleware: who the client is, and which host it asked for.
+
+    ``X-Forwarded-For/-Proto/-Host`` are applied (by ProxyFix, ``proxies`` hops
+    deep) only when the direct peer is a trusted proxy; from anyone else they
+    are ignored, or any client could pick the address its limit is counted
+    under. The ``Host`` is then lower-cased, so ``TRUSTED_HOSTS`` (lower-cased
+    by the settings) matches case-insensitively, as host names do.
+    """
+
+    def __init__(self, app: Callable, proxies: int, trusted: Iterable[str]) -> None:
+        self.app = app
+        self.proxied = (
+            ProxyFix(self._lower_host, x_for=proxies, x_proto=proxies, x_host=proxies)
+            if proxies
+            else None
+        )
+        self.is_trusted = _peer_filter(trusted)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if self.proxied is not None and self.is_trusted(environ.get("REMOTE_ADDR")):
+            return self.proxied(environ, start_response)
+        return self._lower_host(environ, start_response)
+
+    def _lower_host(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST")
+        if host:
+            environ["HTTP_HOST"] = host.lower()
+        return self.app(environ, start_response)
+
+
+def storage_state() -> str:
+    """Say where the limits are counted now: ``memory``, ``redis``, ``memcached``,
+    or ``memory-fallback`` while the shared store is away."""
+    configured = current_app.config["RATE_LIMIT_STORAGE_URI"]
+    scheme = configured.partition("://")[0]
+    if scheme == "memory":
+        return "memory"
+    # Flask-Limiter keeps no public flag for "the store is down, counting in
+    # memory"; this is the one it switches on and off itself.
+    if getattr(current_app.extensions[EXTENSION], "_storage_dead", False):
+        return "memory-fallback"
+    return "redis" if scheme.startswith("redis") else scheme
+
+
 def init_app(app: Flask) -> None:
     """Trust the configured proxies, then limit per client and apply CORS."""
-    proxies = app.config["TRUSTED_PROXIES"]
-    if proxies:
-        app.wsgi_app = ProxyFix(
-            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies
-        )
+    app.wsgi_app = ForwardedHeaders(
+        app.wsgi_app,
+        app.config["TRUSTED_PROXIES"],
+        app.config["TRUSTED_PROXY_ADDRESSES"],
+    )
 
+    configured = app.config["RATE_LIMIT_STORAGE_URI"]
     limiter = Limiter(
         get_remote_address,
-        default_limits=[_per_minute_limit],
-        default_limits_exempt_when=_is_exempt,
-        storage_uri=_storage_uri(app.config["RATE_LIMIT_STORAGE_URI"]),
+        # An application limit is one bucket per client across every limited
+        # route (a default limit would be one bucket per client *per route*).
+        application_limits=[_per_minute_limit],
+        application_limits_exempt_when=_is_exempt,
+        storage_uri=_storage_uri(configured),
+        storage_options=_storage_options(configured),
         strategy="fixed-window",
         key_prefix="llm_service",
-        # A shared store (Redis) that goes down degrades to per-process limits
-        # instead of failing every request.
+        # A shared store (Redis) that is slow or down degrades to per-process
+        # limits instead of failing or stalling requests; Flask-Limiter checks it
+        # again after 1, 2, 4 ... 32 s and switches back when it answers.
         in_memory_fallback_enabled=True,
+        # A request whose store call fails just after another thread switched to
+        # the fallback would otherwise be a 500: it is let through (and logged).
+        swallow_errors=True,
         # Flask-Limiter would put Retry-After on every answer, successes included,
         # and override the upstream's own; _add_rate_limit_headers is precise.
         headers_enabled=False,
     )
     limiter.init_app(app)
+    if getattr(limiter, "_fallback_limiter", None) is not None:
+        # The fallback would be limits' MemoryStorage: a timer thread per request.
+        limiter._fallback_limiter = FixedWindowRateLimiter(WindowCounterStorage())
+    app.extensions[EXTENSION] = limiter
 
     @app.after_request
     def _add_rate_limit_headers(response: Response) -> Response:
         current = limiter.current_limit
         if current is None:
             return response
+        try:
+            remaining, reset_at = current.remaining, current.reset_at
+        except Exception:  # whatever the store raised: answer without the counts
+            # The store failed between the hit and now; the request was counted.
+            log.warning("rate-limit headers skipped: the limit store failed")
+            if response.status_code == 429:
+                response.headers["Retry-After"] = str(WINDOW_SECONDS)
+            return response
         response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
-        response.headers["X-RateLimit-Remaining"] = str(current.remaining)
-        response.headers["X-RateLimit-Reset"] = str(int(current.reset_at))
+        response.headers["X-RateLimit-Remaining"] = str(remaining)
+        response.headers["X-RateLimit-Reset"] = str(int(reset_at))
         if response.status_code == 429:
-            wait = max(1, math.ceil(current.reset_at - time.time()))
+            wait = max(1, math.ceil(reset_at - time.time()))
             response.headers["Retry-After"] = str(wait)
         return response
 
@@ -146,6 +272,7 @@ def init_app(app: Flask) -> None:
         CORS(
             app,
             origins=origins,
+            methods=CORS_METHODS,
             expose_headers=EXPOSED_HEADERS,
             allow_headers=["Content-Type", "Authorization", CORRELATION_HEADER],
             max_age=600,

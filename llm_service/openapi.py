@@ -132,7 +132,8 @@ HEADERS = {
         "schema": {"type": "string", "pattern": r"^\d+\.\d{6}$"},
     },
     "X-RateLimit-Limit": {
-        "description": "Requests allowed per minute per client.",
+        "description": "Requests allowed per minute per client, all limited "
+        "routes together.",
         "schema": {"type": "integer", "minimum": 0},
     },
     "X-RateLimit-Remaining": {

@@ -209,6 +209,14 @@ class HealthSchema(Schema):
     version = fields.String(required=True)
     uptime_seconds = fields.Float(required=True)
     lm_studio = fields.Nested(UpstreamHealthSchema, required=True)
+    rate_limit_storage = fields.String(
+        required=True,
+        metadata={
+            "description": "Where rate limits are counted now: `memory`, `redis`, "
+            "`memcached`, or `memory-fallback` (per process) while the configured "
+            "shared store does not answer."
+        },
+    )
     correlation_id = fields.String(required=True)
     error = fields.Nested(ErrorDetailSchema)
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from llm_service import create_app  # noqa: E402
 from llm_service import local_backend as backend  # noqa: E402
-from llm_service.config import ConfigError, check_not_self  # noqa: E402
+from llm_service.config import ConfigError, check_not_self, redact_url  # noqa: E402
 from llm_service.lmstudio import CAUSES, HealthReport  # noqa: E402
 from llm_service.logs import ROOT_LOGGER  # noqa: E402
 from llm_service.upstream import EXTENSION  # noqa: E402
@@ -58,16 +58,17 @@ def start_local_backend(url: str) -> backend.LocalModelServer | None:
     """Start the bundled model server at ``url``'s port when it makes sense."""
     parts = urlsplit(url)
     host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
+    shown = redact_url(url)
     try:
         backend.require_loopback_host(host)
-    except ValueError:
+    except (ValueError, backend.LocalBackendError):  # not on this machine
         say(
-            f"nothing listens at {url} (not on this machine, so nothing is "
+            f"nothing listens at {shown} (not on this machine, so nothing is "
             "started): /llm/message answers 503 until something does"
         )
         return None
     say(
-        f"nothing listens at {url}: starting the bundled model server "
+        f"nothing listens at {shown}: starting the bundled model server "
         f"({backend.MODEL_ALIAS}, llama.cpp) there; "
         "set LLM_SERVICE_LOCAL_BACKEND=off to skip"
     )
@@ -102,7 +103,8 @@ def describe_upstream(report: HealthReport) -> str:
     """One line on what the probe found wrong, with the advice for its cause."""
     cause = CAUSES.get(report.cause or "")
     advice = f" -> {cause.advice}" if cause else ""
-    return f"the model server at {report.url} cannot be used: {report.error}.{advice}"
+    url = redact_url(report.url)
+    return f"the model server at {url} cannot be used: {report.error}.{advice}"
 
 
 def main() -> int:
@@ -121,13 +123,14 @@ def main() -> int:
         return EXIT_PORT_BUSY
 
     url = config["LM_STUDIO_BASE_URL"]
+    shown = redact_url(url)
     # The probe's own retries and warnings are not news here: its verdict is.
     logging.getLogger(ROOT_LOGGER).setLevel(logging.CRITICAL + 1)
     report = app.extensions[EXTENSION].client.probe()
     server = None
     bundled = False
     if report.reachable:
-        say(f"using the model server at {url}")
+        say(f"using the model server at {shown}")
         bundled = backend.MODEL_ALIAS in report.models
         if report.chained:
             say(f"warning: {CAUSES['chained'].summary} -> {CAUSES['chained'].advice}")
@@ -136,7 +139,7 @@ def main() -> int:
         say("the gateway starts anyway; /health says what is wrong until it is fixed")
     elif config["LOCAL_BACKEND"] == "off":
         say(
-            f"nothing listens at {url} and LLM_SERVICE_LOCAL_BACKEND=off: "
+            f"nothing listens at {shown} and LLM_SERVICE_LOCAL_BACKEND=off: "
             "/llm/message answers 503 until something does"
         )
     else:

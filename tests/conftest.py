@@ -76,10 +76,11 @@ class _ListHandler(logging.Handler):
 @contextlib.contextmanager
 def capture_logs():
     """Capture the package's log lines exactly as the current app formats them."""
-    from llm_service.logs import ROOT_LOGGER
+    from llm_service.logs import _HANDLER_NAME, ROOT_LOGGER
 
     logger = logging.getLogger(ROOT_LOGGER)
-    app_handler = logger.handlers[-1]
+    # By name: pytest attaches its own handlers to non-propagating loggers too.
+    (app_handler,) = [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]
     handler = _ListHandler()
     handler.setFormatter(app_handler.formatter)
     for log_filter in app_handler.filters:

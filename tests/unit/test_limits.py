@@ -1,6 +1,7 @@
 """Rate limits, CORS, trusted hosts and trusted proxies."""
 
 import pytest
+import requests
 
 
 @pytest.fixture
@@ -149,3 +150,275 @@ def test_redis_storage_uri_is_used_as_given(app_factory):
 
     assert _storage_uri("redis://h:6379/0") == "redis://h:6379/0"
     assert _storage_uri("memory://") == "llm-service-memory://"
+
+
+# -- one bucket per client across routes --------------------------------------
+
+#: Every rate-limited route, each called so it answers without the upstream.
+LIMITED_ROUTES = [
+    ("post", "/llm/message"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+    ("post", "/v1/embeddings"),
+    ("get", "/v1/models"),
+]
+
+
+def test_limit_is_one_bucket_per_client_across_routes(app_factory, upstream):
+    from tests.conftest import UPSTREAM
+
+    upstream.get(f"{UPSTREAM}/v1/models", json={"data": [{"id": "m"}]})
+    client = app_factory(RATE_LIMIT_REQUESTS=5).test_client()
+    answers = [
+        getattr(client, method)(path, json={}) if method == "post" else client.get(path)
+        for _ in range(3)
+        for method, path in LIMITED_ROUTES
+    ]
+    statuses = [response.status_code for response in answers]
+    assert sum(status != 429 for status in statuses) == 5
+    assert statuses[5:] == [429] * 10
+    remaining = [r.headers["X-RateLimit-Remaining"] for r in answers[:5]]
+    assert remaining == ["4", "3", "2", "1", "0"]
+    limited = answers[5]
+    assert limited.headers["X-RateLimit-Limit"] == "5"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 61
+    assert "Retry-After" not in answers[0].headers
+    # Another client still has its own bucket, and health is never limited.
+    other = client.post(
+        "/llm/message", json={}, environ_base={"REMOTE_ADDR": "10.9.9.9"}
+    )
+    assert other.status_code == 422
+    assert client.get("/health/live").status_code == 200
+
+
+# -- forwarded headers only from trusted proxies ------------------------------
+
+STRANGER = {"REMOTE_ADDR": "198.51.100.7"}
+
+
+def test_spoofed_forwarded_for_is_ignored_from_an_untrusted_peer(app_factory):
+    client = app_factory(RATE_LIMIT_REQUESTS=5, TRUSTED_PROXIES=1).test_client()
+    statuses = [
+        client.post(
+            "/llm/message",
+            json={},
+            headers={"X-Forwarded-For": f"203.0.113.{n}"},
+            environ_base=STRANGER,
+        ).status_code
+        for n in range(12)
+    ]
+    assert statuses == [422] * 5 + [429] * 7
+
+
+def test_forwarded_headers_honoured_from_a_configured_network(app_factory):
+    app = app_factory(
+        RATE_LIMIT_REQUESTS=1,
+        TRUSTED_PROXIES=1,
+        TRUSTED_PROXY_ADDRESSES=["10.0.0.0/8"],
+    )
+    client = app.test_client()
+    proxy = {"REMOTE_ADDR": "10.1.2.3"}
+    for n in range(3):
+        response = client.post(
+            "/llm/message",
+            json={},
+            headers={"X-Forwarded-For": f"203.0.113.{n}", "X-Forwarded-Proto": "https"},
+            environ_base=proxy,
+        )
+        assert response.status_code == 422  # each its own client
+        assert "Strict-Transport-Security" in response.headers
+    # Loopback is no longer trusted once the list names other addresses.
+    local = [
+        client.post(
+            "/llm/message", json={}, headers={"X-Forwarded-For": f"203.0.113.{n}"}
+        ).status_code
+        for n in range(5, 7)
+    ]
+    assert local == [422, 429]
+
+
+def test_forwarded_proto_and_host_ignored_from_an_untrusted_peer(app_factory):
+    app = app_factory(TRUSTED_PROXIES=1, TRUSTED_HOSTS=["api.example.com"])
+    client = app.test_client()
+    headers = {
+        "Host": "evil.example",
+        "X-Forwarded-Host": "api.example.com",
+        "X-Forwarded-Proto": "https",
+    }
+    assert client.get("/", headers=headers, environ_base=STRANGER).status_code == 400
+    trusted = client.get("/", headers=headers)  # from 127.0.0.1: a trusted proxy
+    assert trusted.status_code == 200
+    assert "Strict-Transport-Security" in trusted.headers
+
+
+@pytest.mark.parametrize(
+    ("peer", "addresses", "honoured"),
+    [
+        ("127.0.0.1", None, True),
+        ("127.8.9.10", None, True),
+        ("::1", None, True),
+        ("::ffff:127.0.0.1", None, True),
+        ("10.0.0.1", None, False),
+        ("fe80::1%eth0", ["fe80::/10"], True),
+        ("", None, False),
+        ("", ["unix"], True),
+        ("192.0.2.1", ["192.0.2.1"], True),
+        ("192.0.2.2", ["192.0.2.1"], False),
+    ],
+)
+def test_which_peers_are_trusted(app_factory, peer, addresses, honoured):
+    settings = {"RATE_LIMIT_REQUESTS": 1, "TRUSTED_PROXIES": 1}
+    if addresses is not None:
+        settings["TRUSTED_PROXY_ADDRESSES"] = addresses
+    client = app_factory(**settings).test_client()
+    statuses = [
+        client.post(
+            "/llm/message",
+            json={},
+            headers={"X-Forwarded-For": f"203.0.113.{n}"},
+            environ_base={"REMOTE_ADDR": peer},
+        ).status_code
+        for n in range(2)
+    ]
+    assert statuses == ([422, 422] if honoured else [422, 429])
+
+
+def test_trusted_proxy_addresses_setting(monkeypatch):
+    from llm_service import create_app
+    from llm_service.config import ConfigError
+
+    assert create_app({"TESTING": True}).config["TRUSTED_PROXY_ADDRESSES"] == [
+        "127.0.0.0/8",
+        "::1/128",
+    ]
+    monkeypatch.setenv(
+        "LLM_SERVICE_TRUSTED_PROXY_ADDRESSES", '["10.0.0.5", "10.1.0.0/16", "unix"]'
+    )
+    config = create_app({"TESTING": True}).config
+    assert config["TRUSTED_PROXY_ADDRESSES"] == ["10.0.0.5/32", "10.1.0.0/16", "unix"]
+    monkeypatch.setenv("LLM_SERVICE_TRUSTED_PROXY_ADDRESSES", '["10.0.0.300"]')
+    with pytest.raises(ConfigError, match="TRUSTED_PROXY_ADDRESSES"):
+        create_app({"TESTING": True})
+
+
+# -- host names and CORS methods ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("configured", "host"),
+    [
+        ("api.example.com", "API.Example.COM"),
+        ("API.example.com", "api.example.com"),
+        ("api.example.com", "API.EXAMPLE.COM:8000"),
+        (".Example.com", "API.example.COM"),
+    ],
+)
+def test_trusted_hosts_compare_case_insensitively(app_factory, configured, host):
+    client = app_factory(TRUSTED_HOSTS=[configured]).test_client()
+    assert client.get("/", headers={"Host": host}).status_code == 200
+    assert client.get("/", headers={"Host": "EVIL.example"}).status_code == 400
+
+
+def test_cors_advertises_only_methods_some_route_accepts(app_factory):
+    app = app_factory(ALLOWED_ORIGINS=["https://app.example.com"])
+    response = app.test_client().options(
+        "/v1/models",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "GET",
+        },
+    )
+    advertised = {
+        m.strip() for m in response.headers["Access-Control-Allow-Methods"].split(",")
+    }
+    accepted = set().union(*(rule.methods for rule in app.url_map.iter_rules()))
+    assert advertised == accepted
+    assert not advertised & {"PUT", "PATCH", "DELETE"}
+
+
+# -- a slow or lost limit store ------------------------------------------------
+
+
+def test_storage_waits_are_bounded():
+    from llm_service.limits import STORAGE_TIMEOUT, _storage_options
+
+    assert STORAGE_TIMEOUT <= 0.5
+    for uri in ("redis://h:6379/0", "rediss://h", "redis+sentinel://h:26379/m"):
+        options = _storage_options(uri)
+        assert options["socket_timeout"] == STORAGE_TIMEOUT
+        assert options["socket_connect_timeout"] == STORAGE_TIMEOUT
+        assert options["retry"].get_retries() == 0
+    assert (
+        _storage_options("redis+sentinel://h/m")["sentinel_kwargs"]["socket_timeout"]
+        == STORAGE_TIMEOUT
+    )
+    assert _storage_options("memory://") == {}
+
+
+def test_lost_store_falls_back_to_memory_and_health_says_so(app_factory, upstream):
+    from tests.conftest import UPSTREAM
+
+    upstream.get(f"{UPSTREAM}/v1/models", body=requests.ConnectionError("down"))
+    # Nothing listens on port 1: every store call fails at once.
+    app = app_factory(
+        RATE_LIMIT_REQUESTS=2, RATE_LIMIT_STORAGE_URI="redis://127.0.0.1:1/0"
+    )
+    client = app.test_client()
+    statuses = [client.post("/llm/message", json={}).status_code for _ in range(3)]
+    assert statuses == [422, 422, 429]  # counted per process, still exact here
+    limited = client.post("/llm/message", json={})
+    assert limited.headers["X-RateLimit-Limit"] == "2"
+    assert int(limited.headers["Retry-After"]) >= 1
+    health = client.get("/health").json
+    assert health["rate_limit_storage"] == "memory-fallback"
+
+
+def test_health_names_the_configured_storage(app_factory, upstream):
+    from tests.conftest import UPSTREAM
+
+    upstream.get(f"{UPSTREAM}/v1/models", body=requests.ConnectionError("down"))
+    assert app_factory().test_client().get("/health").json["rate_limit_storage"] == (
+        "memory"
+    )
+
+
+def test_store_failing_after_the_hit_is_not_a_500(app_factory, monkeypatch):
+    """The headers read the store again; a failure there must not cost the answer."""
+    import redis
+
+    from llm_service.limits import EXTENSION
+
+    app = app_factory(RATE_LIMIT_REQUESTS=2)
+    limiter = app.extensions[EXTENSION]
+
+    def fail(*args, **kwargs):
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(limiter.limiter, "get_window_stats", fail)
+    client = app.test_client()
+    first = client.post("/llm/message", json={})
+    assert first.status_code == 422
+    assert "X-RateLimit-Remaining" not in first.headers
+    client.post("/llm/message", json={})
+    limited = client.post("/llm/message", json={})
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "60"
+
+
+def test_store_failing_while_another_thread_falls_back_is_not_a_500(
+    app_factory, monkeypatch
+):
+    """Threads whose store call fails after another thread switched to memory."""
+    import redis
+
+    from llm_service.limits import EXTENSION
+
+    app = app_factory(RATE_LIMIT_STORAGE_URI="redis://127.0.0.1:1/0")
+    limiter = app.extensions[EXTENSION]
+
+    def fail_after_another_thread_switched(*args, **kwargs):
+        limiter._storage_dead = True  # what the other thread just did
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(limiter._limiter, "hit", fail_after_another_thread_switched)
+    assert app.test_client().post("/llm/message", json={}).status_code == 422
