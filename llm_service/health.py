@@ -59,11 +59,10 @@ _UNREACHABLE = frozenset({"dns", "refused", "unreachable", "timeout"})
 
 
 def _unreachable(report: HealthReport) -> str:
+    url = redact_url(report.url)
     if report.cause in _UNREACHABLE:
-        return (
-            f"The upstream at {redact_url(report.url)} is not reachable: {report.error}"
-        )
-    return f"The upstream at {redact_url(report.url)} answers but cannot serve: {report.error}"
+        return f"The upstream at {url} is not reachable: {report.error}"
+    return f"The upstream at {url} answers but cannot serve: {report.error}"
 
 
 def _answer(
