@@ -53,19 +53,17 @@ INTERNAL_MESSAGE = (
 #: receives it, but the access record says what became of the request.
 CLIENT_CLOSED_REQUEST = 499
 
+#: Werkzeug's HTTP errors, by status, as registered codes; any other status gets
+#: the generic code of its class, so no unregistered code is ever answered.
 HTTP_CODES = {
     400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    406: "not_acceptable",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "rate_limited",
     500: "internal_error",
-    501: "not_implemented",
 }
 HTTP_MESSAGES = {
     404: "The requested URL was not found on this server.",
@@ -84,6 +82,190 @@ STREAM_TIMEOUT_CODES = {
     "first_token": "upstream_first_token_timeout",
     "idle": "upstream_stream_stalled",
     "total": "stream_timeout",
+}
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One documented error code: the statuses it comes with and when.
+
+    ``meaning`` says when it is an HTTP answer ("" if never); ``in_stream`` says
+    when it ends a stream that has started, as an error event ("" if never).
+    """
+
+    code: str
+    statuses: tuple[int, ...]
+    meaning: str
+    in_stream: str = ""
+
+
+#: THE registry of error codes: the mapper below answers only these, and
+#: ``/openapi.json`` and the README's error tables are generated from it
+#: (``scripts/settings_doc.py --write``; a test keeps all three in step).
+ERROR_CODES: dict[str, ErrorCode] = {
+    entry.code: entry
+    for entry in (
+        ErrorCode(
+            "invalid_json",
+            (400,),
+            "the body is not valid JSON / UTF-8, is nested too deeply, or holds "
+            "`NaN`, `Infinity` or a number too large for a float",
+        ),
+        ErrorCode(
+            "bad_request",
+            (400,),
+            "a malformed request, or a `Host` not in `LLM_SERVICE_TRUSTED_HOSTS`",
+        ),
+        ErrorCode(
+            "upstream_rejected_request",
+            (400, 413, 422),
+            "the upstream refused the request (e.g. the prompt exceeds the "
+            "context); its message is relayed, capped and with credentials masked",
+        ),
+        ErrorCode("not_found", (404,), "unknown route"),
+        ErrorCode(
+            "model_not_found", (404,), "the upstream does not know the requested model"
+        ),
+        ErrorCode(
+            "method_not_allowed", (405,), "wrong method (`Allow` lists the right ones)"
+        ),
+        ErrorCode(
+            "payload_too_large",
+            (413,),
+            "body over `LLM_SERVICE_MAX_REQUEST_SIZE` bytes (chunked bodies too)",
+        ),
+        ErrorCode(
+            "unsupported_media_type", (415,), "body not sent as `application/json`"
+        ),
+        ErrorCode(
+            "validation_error",
+            (422,),
+            "the body breaks the schema; `details` has a message per field",
+        ),
+        ErrorCode(
+            "rate_limited",
+            (429,),
+            "over `LLM_SERVICE_RATE_LIMIT_REQUESTS` per minute (one bucket per "
+            "client across routes); `Retry-After` says when to come back",
+        ),
+        ErrorCode(
+            "client_disconnected",
+            (499,),
+            "never sent: the client hung up first, so the upstream call was "
+            "cancelled; only the access log shows it",
+        ),
+        ErrorCode(
+            "internal_error",
+            (500,),
+            "a bug: nothing internal is revealed; the exception is logged with "
+            "its traceback and the correlation ID",
+            in_stream="a bug while streaming: the stream still ends with this event",
+        ),
+        ErrorCode(
+            "upstream_error",
+            (502,),
+            "the upstream failed (5xx after retries, or an `error` body of unknown "
+            "meaning); a failure it explains and a retry would repeat (llama.cpp's "
+            '"must be created with embedding=True") is relayed at once',
+        ),
+        ErrorCode(
+            "upstream_invalid_response",
+            (502,),
+            "the upstream's answer is not the API: not JSON, not a JSON object, no "
+            "choices, a 404/405/501 or a web page for an API path (a wrong base "
+            "URL, or a plain web server), or not HTTP at all",
+            in_stream="an upstream chunk is not the API (not JSON, `delta` not an "
+            "object, `content` not a string...) on `/llm/message`; `/v1` relays "
+            "chunks as they are",
+        ),
+        ErrorCode(
+            "upstream_response_too_large",
+            (502,),
+            "the upstream's answer is over `LLM_SERVICE_MAX_UPSTREAM_RESPONSE_BYTES`"
+            " (refused, never read whole)",
+            in_stream="one line of the upstream's stream is over "
+            "`LLM_SERVICE_MAX_SSE_LINE_BYTES`",
+        ),
+        ErrorCode(
+            "upstream_auth_failed",
+            (502,),
+            "the upstream refused the gateway's token "
+            "(`LLM_SERVICE_LM_STUDIO_API_TOKEN`)",
+        ),
+        ErrorCode(
+            "upstream_stream_error",
+            (502,),
+            "",
+            in_stream="the upstream sent an error inside the stream (its message "
+            "is relayed, capped and with credentials masked)",
+        ),
+        ErrorCode(
+            "upstream_stream_cut",
+            (502,),
+            "",
+            in_stream="the upstream's stream broke or ended before it finished",
+        ),
+        ErrorCode(
+            "upstream_unavailable",
+            (503,),
+            "the upstream is not reachable (`Retry-After: 5`)",
+        ),
+        ErrorCode(
+            "upstream_busy",
+            (503,),
+            "the upstream stayed overloaded (429/503) through the retries; its "
+            "`Retry-After` is passed on",
+        ),
+        ErrorCode("no_model_loaded", (503,), "the upstream has no model loaded"),
+        ErrorCode(
+            "server_shutting_down",
+            (503,),
+            "the server is stopping (SIGTERM): retry, on another instance or "
+            "after `Retry-After: 1`",
+            in_stream="the stream was still open 2 s before the worker's "
+            "`graceful_timeout` ran out",
+        ),
+        ErrorCode(
+            "upstream_timeout",
+            (504,),
+            "the upstream accepted the request but did not answer within "
+            "`LLM_SERVICE_LM_STUDIO_TIMEOUT`, or the whole call outlasted "
+            "`LLM_SERVICE_LM_STUDIO_RETRY_BUDGET`",
+        ),
+        ErrorCode(
+            "upstream_connect_timeout",
+            (504,),
+            "the upstream did not accept the connection within "
+            "`LLM_SERVICE_LM_STUDIO_CONNECT_TIMEOUT`",
+        ),
+        ErrorCode(
+            "upstream_first_token_timeout",
+            (504,),
+            "a streamed answer did not start within "
+            "`LLM_SERVICE_STREAM_FIRST_TOKEN_TIMEOUT`",
+            in_stream="nothing came within `LLM_SERVICE_STREAM_FIRST_TOKEN_TIMEOUT`",
+        ),
+        ErrorCode(
+            "upstream_stream_stalled",
+            (504,),
+            "",
+            in_stream="the upstream was silent longer than "
+            "`LLM_SERVICE_STREAM_IDLE_TIMEOUT`",
+        ),
+        ErrorCode(
+            "stream_timeout",
+            (504,),
+            "",
+            in_stream="the stream lasted longer than "
+            "`LLM_SERVICE_STREAM_TOTAL_TIMEOUT`",
+        ),
+        ErrorCode(
+            "upstream_loop",
+            (508,),
+            "the upstream URL leads back to this gateway itself (it refuses the "
+            "request it sent itself)",
+        ),
+    )
 }
 
 
@@ -188,7 +370,9 @@ def _http_failure(error: HTTPException) -> Failure:
     message = HTTP_MESSAGES.get(status) or error.description or error.name
     if status == 429:
         message = f"Rate limit exceeded ({error.description}). Retry later."
-    code = HTTP_CODES.get(status, error.name.lower().replace(" ", "_"))
+    code = HTTP_CODES.get(status) or (
+        "bad_request" if status < 500 else "internal_error"
+    )
     return Failure(status, code, message, headers=headers)
 
 

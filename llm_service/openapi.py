@@ -34,7 +34,7 @@ from flask import (
 )
 from swagger_ui_bundle import swagger_ui_path
 
-from . import __version__
+from . import __version__, errors
 from .limits import UNLIMITED_BLUEPRINTS
 from .pipeline import CORRELATION_HEADER
 from .schemas import ErrorResponseSchema
@@ -48,40 +48,11 @@ _IMPLICIT_METHODS = frozenset({"HEAD", "OPTIONS"})
 _PLACEHOLDER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 #: Every error code the contract uses: code -> (statuses, when it is answered).
+#: The codes a route can answer as HTTP errors, from the one registry.
 ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
-    "bad_request": ((400,), "a malformed request, or a `Host` not served here"),
-    "invalid_json": ((400,), "the body is not valid JSON (UTF-8), or nests too deep"),
-    "not_found": ((404,), "nothing is served at this URL"),
-    "method_not_allowed": ((405,), "another method is expected; `Allow` lists them"),
-    "payload_too_large": ((413,), "the body is over `LLM_SERVICE_MAX_REQUEST_SIZE`"),
-    "unsupported_media_type": ((415,), "the body is not sent as `application/json`"),
-    "validation_error": ((422,), "the body breaks the schema; `details` says where"),
-    "rate_limited": ((429,), "over the per-client limit; `Retry-After` says when"),
-    "internal_error": ((500,), "a bug; it is logged with the correlation ID"),
-    "server_shutting_down": ((503,), "the server is stopping; retry (`Retry-After`)"),
-    "model_not_found": ((404,), "the upstream does not know the requested model"),
-    "upstream_rejected_request": (
-        (400, 413, 422),
-        "the upstream refused the request (its message is relayed)",
-    ),
-    "upstream_error": ((502,), "the upstream failed, after the retries"),
-    "upstream_invalid_response": ((502,), "the upstream's answer is not the API"),
-    "upstream_response_too_large": (
-        (502,),
-        "the upstream's answer is over `LLM_SERVICE_MAX_UPSTREAM_RESPONSE_BYTES`",
-    ),
-    "upstream_auth_failed": ((502,), "the upstream refused the gateway's token"),
-    "upstream_unavailable": ((503,), "the upstream is not reachable"),
-    "upstream_busy": ((503,), "the upstream stayed overloaded through the retries"),
-    "no_model_loaded": ((503,), "the upstream has no model loaded"),
-    "upstream_timeout": ((504,), "the upstream did not answer in time"),
-    "upstream_loop": ((508,), "the upstream URL leads back to this gateway itself"),
-    "upstream_first_token_timeout": (
-        (504,),
-        "a streamed answer did not start in time",
-    ),
-    # Never received: the client had gone. Recorded in the access log.
-    "client_disconnected": ((499,), "the client hung up; the upstream call stopped"),
+    code: (entry.statuses, entry.meaning)
+    for code, entry in errors.ERROR_CODES.items()
+    if entry.meaning
 }
 #: What any route can answer, whatever it does.
 COMMON_ERRORS = (
@@ -106,6 +77,7 @@ UPSTREAM_FAILURES = (
     "upstream_unavailable",
     "upstream_busy",
     "upstream_timeout",
+    "upstream_connect_timeout",
     "upstream_loop",
 )
 #: ... and when it cannot serve what the request asks for.

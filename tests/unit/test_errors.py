@@ -5,6 +5,7 @@ import json
 import pytest
 import requests
 
+from llm_service import errors
 from tests.conftest import UPSTREAM
 
 pytestmark = pytest.mark.mock_llm
@@ -147,3 +148,64 @@ def test_unexpected_exception_is_500_without_trace(
     assert errors
     assert errors[0].correlation_id == "c-500"
     assert errors[0].exc_info[0] is RuntimeError
+
+
+def _codes_the_package_answers() -> set[str]:
+    """Every code literal given to Failure/APIError, and the code tables' values."""
+    import ast
+    from pathlib import Path
+
+    import llm_service
+
+    found: set[str] = set()
+    for path in Path(llm_service.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in ("Failure", "APIError") and len(node.args) >= 2:
+                    code = node.args[1]
+                    if isinstance(code, ast.Constant) and isinstance(code.value, str):
+                        found.add(code.value)
+    found |= set(errors.HTTP_CODES.values())
+    found |= set(errors.STREAM_TIMEOUT_CODES.values())
+    return found
+
+
+def test_every_code_answered_is_registered():
+    codes = _codes_the_package_answers()
+    # The scan must see the codes (a broken scan would pass vacuously).
+    assert {"upstream_loop", "server_shutting_down", "invalid_json"} <= codes
+    assert codes <= set(errors.ERROR_CODES), codes - set(errors.ERROR_CODES)
+
+
+def test_an_unknown_http_error_gets_its_class_code(app):
+    from werkzeug.exceptions import ImATeapot, NotImplemented
+
+    with app.test_request_context("/"):
+        assert errors.describe_failure(ImATeapot()).code == "bad_request"
+        assert errors.describe_failure(NotImplemented()).code == "internal_error"
+
+
+def test_openapi_documents_every_http_code_of_the_registry(client):
+    spec = client.get("/openapi.json").get_json()
+    documented = json.dumps(spec)
+    for code, entry in errors.ERROR_CODES.items():
+        # 499 is never sent (the client has gone): only the access log has it.
+        if entry.meaning and entry.statuses != (499,):
+            assert f"`{code}`" in documented or f'"{code}"' in documented, code
+
+
+def test_readme_error_tables_are_generated_from_the_registry():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "settings_doc", root / "scripts" / "settings_doc.py"
+    )
+    settings_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings_doc)
+    readme = (root / "README.md").read_text()
+    assert settings_doc.fill(readme) == readme
+    for code in errors.ERROR_CODES:
+        assert f"`{code}`" in readme, code
