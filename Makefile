@@ -101,7 +101,7 @@ fuzz: $(STAMP) ## long schemathesis run on a new seed (FUZZ_MAX_EXAMPLES=500)
 	@FUZZ_MAX_EXAMPLES=$(FUZZ_MAX_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
 		$(BIN)/pytest tests/fuzz -s --timeout 3600 $(PYTEST_ARGS)
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-hardening
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
 
@@ -116,3 +116,8 @@ bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, bare Flask, LiteLLM 
 bench-smoke: $(STAMP) $(BENCH_STAMP) ## quick benchmark, no LiteLLM (~1 min; CI)
 	@bash bench/install-tools.sh
 	@$(PY) -m bench.run --smoke $(BENCH_ARGS)
+
+bench-hardening: $(STAMP) $(BENCH_STAMP) ## hostile clients and upstreams: slowloris, slow readers, big answers, frozen Redis (~4 min)
+	@$(PY) -m bench.slowloris
+	@$(PY) -m bench.slow_reader
+	@$(PY) -m bench.frozen_redis
