@@ -135,9 +135,11 @@ def init_app(app: Flask) -> None:
             return response
         response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
         response.headers["X-RateLimit-Remaining"] = str(current.remaining)
-        response.headers["X-RateLimit-Reset"] = str(int(current.reset_at))
+        # The window's own end: flask-limiter's reset_at adds a second to it.
+        reset_time = current.window.reset_time
+        response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
         if response.status_code == 429:
-            wait = max(1, math.ceil(current.reset_at - time.time()))
+            wait = max(1, math.ceil(reset_time - time.time()))
             response.headers["Retry-After"] = str(wait)
         return response
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import responses
+from flask import Flask
 
 from llm_service import create_app
 
@@ -28,6 +29,19 @@ def clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("LLM_SERVICE_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def instance_path(tmp_path, monkeypatch):
+    """Give every app built in a test an empty instance folder of its own.
+
+    Flask finds ``instance/`` next to the package, where a developer's own
+    ``instance/config.py`` may live; a test writes ``config.py`` here to test
+    that layer.
+    """
+    path = tmp_path / "instance"
+    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(path))
+    return path
 
 
 @pytest.fixture

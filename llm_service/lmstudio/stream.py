@@ -107,12 +107,16 @@ class UpstreamStream:
                 if wait <= 0:
                     raise self._timeout(kind)
                 try:
-                    item = self._events.get(timeout=min(tick, wait))
+                    arrived, item = self._events.get(timeout=min(tick, wait))
                 except queue.Empty:
                     yield None
                     continue
                 if item is _CANCELLED:
                     return
+                if arrived > limit:
+                    # Judged by when it arrived, not by when this thread got to
+                    # look: a stalled process must not let a late event count.
+                    raise self._timeout(kind)
                 if item is _END:
                     if self.saw_finish:
                         return  # finished, only the [DONE] line was missing
@@ -122,7 +126,7 @@ class UpstreamStream:
                 if isinstance(item, LMStudioError):
                     raise item
                 received_any = True
-                last_event = time.monotonic()
+                last_event = arrived
                 if item.is_done:
                     return
                 self._check(item)
@@ -134,7 +138,7 @@ class UpstreamStream:
         """Abort the stream from any thread and wake :meth:`events` to end."""
         self.cancelled = True
         self.close()
-        self._events.put(_CANCELLED)
+        self._put(_CANCELLED)
 
     def close(self) -> None:
         """Abort the stream: the upstream sees the socket close and stops work."""
@@ -175,6 +179,10 @@ class UpstreamStream:
 
     # -- reader thread -------------------------------------------------------
 
+    def _put(self, item: object) -> None:
+        """Queue ``item`` with the time it arrived, which the limits judge."""
+        self._events.put((time.monotonic(), item))
+
     def _read(self) -> None:
         parser = SSEParser()
         raw = self.response.raw
@@ -184,14 +192,14 @@ class UpstreamStream:
                 if not data:
                     break
                 for event in parser.feed(data):
-                    self._events.put(event)
+                    self._put(event)
             for event in parser.flush():
-                self._events.put(event)
-            self._events.put(_END)
+                self._put(event)
+            self._put(_END)
         except Exception as err:
             if not self._closed.is_set():
                 log.debug("upstream stream read failed: %s", type(err).__name__)
-                self._events.put(
+                self._put(
                     LMStudioStreamCutError(
                         "The upstream connection broke during the stream.",
                         request_id=self.request_id,
