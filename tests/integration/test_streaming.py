@@ -309,6 +309,7 @@ def test_cancellation_gap_meets_the_readme_target(gateway, fake, after_data):
 
 
 @pytest.mark.slow
+@pytest.mark.performance
 def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
     fake.stream_interval = 1.0
     fake.reply = " ".join(["word"] * 6)
