@@ -95,6 +95,35 @@ def test_gunicorn_refuses_to_start_on_a_bad_setting():
     gateway.stop()
 
 
+def test_dotenv_never_overrides_the_real_environment(tmp_path):
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text(
+        "LLM_SERVICE_LM_STUDIO_URL=http://from-dotenv:1\n"
+        "LLM_SERVICE_RATE_LIMIT_REQUESTS=7\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LLM_SERVICE_ENV_FILE": str(env_file),
+        "LLM_SERVICE_LM_STUDIO_URL": "http://from-environment:2",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import wsgi; c = wsgi.app.config; "
+            "print(c['LM_STUDIO_BASE_URL'], c['RATE_LIMIT_REQUESTS'])",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    # The real variable wins; what only .env sets is loaded.
+    assert result.stdout.split() == ["http://from-environment:2", "7"]
+
+
 def test_dotenv_is_loaded(tmp_path, fake):
     env_file = tmp_path / "gateway.env"
     env_file.write_text(f"LLM_SERVICE_LM_STUDIO_URL={fake.url}\n")

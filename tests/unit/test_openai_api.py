@@ -54,3 +54,19 @@ def test_default_max_tokens_is_sent_when_none_is_given(limited, upstream):
     )
     body = {"model": "m", "messages": MESSAGES}
     assert limited.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", "yes", "on"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": MESSAGES}),
+        ("/v1/completions", {"model": "m", "prompt": "Once"}),
+        ("/llm/message", {"messages": MESSAGES}),
+    ],
+)
+def test_stream_must_be_a_json_boolean(client, path, body, value):
+    """Found by the fuzz: marshmallow's Boolean took 0, 1 and "yes" for stream."""
+    response = client.post(path, json={**body, "stream": value})
+    assert response.status_code == 422
+    assert response.json["error"]["code"] == "validation_error"
