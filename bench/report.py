@@ -657,13 +657,20 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out_dir: Path, stamp: str, log: Callable[[str], None]) -> Path:
-    """Write ``<stamp>.json``/``.md`` and copies as ``latest.*``; return the .md."""
+    """Write ``<stamp>-<mode>.json``/``.md`` and copies as ``<mode>-latest.*``.
+
+    The mode (``full`` or ``smoke``) is in every name, so a one-minute smoke run
+    can never pass for the full run whose figures the README quotes
+    (``full-latest.md``, kept in the repository). Return the .md.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{stamp}.json"
-    md_path = out_dir / f"{stamp}.md"
+    mode = result["mode"]
+    json_path = out_dir / f"{stamp}-{mode}.json"
+    md_path = out_dir / f"{stamp}-{mode}.md"
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     md_path.write_text(markdown(result))
-    shutil.copyfile(json_path, out_dir / "latest.json")
-    shutil.copyfile(md_path, out_dir / "latest.md")
-    log(f">> wrote {json_path} and {md_path} (also latest.json, latest.md)")
+    latest = f"{mode}-latest"
+    shutil.copyfile(json_path, out_dir / f"{latest}.json")
+    shutil.copyfile(md_path, out_dir / f"{latest}.md")
+    log(f">> wrote {json_path} and {md_path} (also {latest}.json, {latest}.md)")
     return md_path

@@ -252,7 +252,8 @@ def init_app(app: Flask) -> None:
         if current is None:
             return response
         try:
-            remaining, reset_at = current.remaining, current.reset_at
+            # The window's own end: flask-limiter's reset_at adds a second to it.
+            remaining, reset_time = current.remaining, current.window.reset_time
         except Exception:  # whatever the store raised: answer without the counts
             # The store failed between the hit and now; the request was counted.
             log.warning("rate-limit headers skipped: the limit store failed")
@@ -261,9 +262,9 @@ def init_app(app: Flask) -> None:
             return response
         response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
         response.headers["X-RateLimit-Remaining"] = str(remaining)
-        response.headers["X-RateLimit-Reset"] = str(int(reset_at))
+        response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
         if response.status_code == 429:
-            wait = max(1, math.ceil(reset_at - time.time()))
+            wait = max(1, math.ceil(reset_time - time.time()))
             response.headers["Retry-After"] = str(wait)
         return response
 

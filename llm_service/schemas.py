@@ -52,6 +52,15 @@ class StopField(fields.Field):
         raise self.make_error("invalid")
 
 
+class StrictBoolean(fields.Boolean):
+    """``true`` or ``false`` only: marshmallow's Boolean also takes 0, 1, "yes"..."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        raise self.make_error("invalid", input=value)
+
+
 def check_max_tokens(value: int | None) -> None:
     """Refuse a ``max_tokens`` above the gateway's ``MAX_MAX_TOKENS`` setting.
 
@@ -98,7 +107,7 @@ class MessageRequestSchema(Schema):
     presence_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
     frequency_penalty = fields.Float(validate=validate.Range(min=-2.0, max=2.0))
     repeat_penalty = fields.Float(validate=validate.Range(min=0.0, max=5.0))
-    stream = fields.Boolean(
+    stream = StrictBoolean(
         metadata={"description": "Answer with server-sent events (see README)."}
     )
 
@@ -348,7 +357,7 @@ class OpenAIRequestSchema(Schema):
         validate=validate.Range(min=1),
         metadata={"maximum_setting": "MAX_MAX_TOKENS"},
     )
-    stream = fields.Boolean(allow_none=True)
+    stream = StrictBoolean(allow_none=True)
     stream_options = fields.Dict(allow_none=True)
     stop = StopField(allow_none=True)
     presence_penalty = fields.Float(

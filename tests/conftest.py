@@ -9,7 +9,7 @@ import os
 import pytest
 import responses
 
-from llm_service import create_app
+from llm_service import config, create_app
 
 UPSTREAM = "http://lmstudio.test:1234"
 
@@ -28,6 +28,20 @@ def clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("LLM_SERVICE_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def instance_path(tmp_path, monkeypatch):
+    """Give every app built in a test an empty instance folder of its own.
+
+    Flask finds ``instance/`` next to the package, where a developer's own
+    ``instance/config.py`` may live; a test writes ``config.py`` here to test
+    that layer.
+    """
+    path = tmp_path / "instance"
+    # create_app and the server settings both ask config.instance_path().
+    monkeypatch.setattr(config, "instance_path", lambda: str(path))
+    return path
 
 
 @pytest.fixture

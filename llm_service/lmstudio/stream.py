@@ -69,16 +69,17 @@ class _Buffer:
     """Items from the reader thread to the consumer, bounded in bytes.
 
     ``put`` waits while the buffer holds ``limit`` bytes or more; items of size
-    0 (the end, an error) never wait. ``heard_at`` is when the upstream last
-    gave an event: when one was added, or when the consumer made room for a
-    reader that may have been waiting (the upstream was not silent then, the
-    client was slow).
+    0 (the end, an error) never wait. Each item keeps the time it arrived, so
+    the consumer judges deadlines by arrival, not by when it got to look.
+    ``heard_at`` is when the upstream last gave an event: when one was added,
+    or when the consumer made room for a reader that may have been waiting (the
+    upstream was not silent then, the client was slow).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.heard_at: float | None = None
-        self._items: collections.deque[tuple[object, int]] = collections.deque()
+        self._items: collections.deque[tuple[object, int, float]] = collections.deque()
         self._size = 0
         self._closed = False
         self._changed = threading.Condition()
@@ -90,28 +91,32 @@ class _Buffer:
                 self._changed.wait()
             if self._closed:
                 return False
-            self._items.append((item, size))
+            arrived = time.monotonic()
+            self._items.append((item, size, arrived))
             self._size += size
             if size:
-                self.heard_at = time.monotonic()
+                self.heard_at = arrived
             self._changed.notify_all()
             return True
 
-    def get(self, timeout: float) -> object:
-        """Return the next item, or ``_CLOSED``; raise queue.Empty after ``timeout``."""
+    def get(self, timeout: float) -> tuple[float, object]:
+        """Return ``(arrived, item)`` or ``(now, _CLOSED)``.
+
+        Raises queue.Empty after ``timeout`` seconds without an item.
+        """
         with self._changed:
             if not self._items and not self._closed and timeout > 0:
                 self._changed.wait(timeout)
             if self._closed:
-                return _CLOSED
+                return time.monotonic(), _CLOSED
             if not self._items:
                 raise queue.Empty
-            item, size = self._items.popleft()
+            item, size, arrived = self._items.popleft()
             if self._size >= self.limit:
                 self.heard_at = time.monotonic()
             self._size -= size
             self._changed.notify_all()
-            return item
+            return arrived, item
 
     def close(self) -> None:
         """Drop every item and wake both sides for good."""
@@ -184,12 +189,16 @@ class UpstreamStream:
                 try:
                     # Events already buffered are delivered whatever the time:
                     # the upstream sent them, only the client was slow.
-                    item = self._events.get(timeout=min(tick, limit - now))
+                    arrived, item = self._events.get(timeout=min(tick, limit - now))
                 except queue.Empty:
                     if time.monotonic() >= limit:
                         raise self._timeout(kind) from None
                     yield None
                     continue
+                if arrived > limit and kind != "total" and item is not _CLOSED:
+                    # Judged by when it arrived, not by when this thread got to
+                    # look: a stalled process must not let a late event count.
+                    raise self._timeout(kind)
                 if item is _CLOSED:
                     if self.cancelled:
                         return

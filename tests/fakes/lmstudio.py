@@ -69,6 +69,7 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "reset": frozenset({"rst"}),
     "stream_error": frozenset({"after", "error"}),
     "stream_cut": frozenset({"after"}),
+    "stream_end": frozenset({"after"}),
     "slow_stream": frozenset({"interval"}),
     # As fast as the socket takes them: `bytes` of events (streamed), or one
     # answer whose content is `bytes` long, chunked or with a Content-Length.
@@ -89,8 +90,16 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset(
-    {"stream_error", "stream_cut", "slow_stream", "long_line", "bad_chunk"}
+    {
+        "stream_error",
+        "stream_cut",
+        "stream_end",
+        "slow_stream",
+        "long_line",
+        "bad_chunk",
+    }
 )
+_BREAKING_STREAM_KINDS = ("stream_error", "stream_cut", "stream_end")
 # Bytes written at once by the flood faults.
 _FLOOD_WRITE = 65536
 
@@ -1186,7 +1195,7 @@ class _Handler(BaseHTTPRequestHandler):
         for index, piece in enumerate(pieces):
             if index and not self._wait(interval):
                 raise _Abort
-            if fault_kind in ("stream_error", "stream_cut") and index == cut_after:
+            if fault_kind in _BREAKING_STREAM_KINDS and index == cut_after:
                 self._stream_fault(fault_kind, params)
             if fault_kind == "bad_chunk" and index == params.get("after", 1):
                 data = params.get("data", "")
@@ -1195,7 +1204,7 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 continue
             self._send_event(_dumps(chunk(piece, index, None)))
-        if fault_kind in ("stream_error", "stream_cut") and cut_after >= len(pieces):
+        if fault_kind in _BREAKING_STREAM_KINDS and cut_after >= len(pieces):
             self._stream_fault(fault_kind, params)
         self._send_event(_dumps(chunk(None, len(pieces), finish_reason)))
         include_usage = (body.get("stream_options") or {}).get("include_usage")
@@ -1236,6 +1245,11 @@ class _Handler(BaseHTTPRequestHandler):
             error = params.get("error", {"message": "Injected stream error"})
             self._send_event(_dumps({"error": error}))
             # The body ends cleanly but without [DONE], as after a model crash.
+            self._write_chunk(b"")
+            raise _Abort
+        if kind == "stream_end":
+            # The body ends cleanly, yet no chunk had a finish_reason and no
+            # [DONE] came: the server stopped mid-answer, the wire looks fine.
             self._write_chunk(b"")
             raise _Abort
         # stream_cut: no terminating chunk, so the client sees a short body.

@@ -203,6 +203,95 @@ def test_chunked_oversize_body_is_413(gateway):
     assert response.json()["error"]["code"] == "payload_too_large"
 
 
+def chunked(body: bytes, piece: int = 1000):
+    """Send ``body`` with chunked transfer encoding (no Content-Length)."""
+    for start in range(0, len(body), piece):
+        yield body[start : start + piece]
+
+
+def padded(size: int) -> bytes:
+    """A valid /llm/message body of exactly ``size`` bytes (JSON whitespace)."""
+    body = b'{"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]'
+    return body + b" " * (size - len(body) - 1) + b"}"
+
+
+@pytest.mark.parametrize(
+    ("size", "status"), [(10_000, 200), (10_001, 413)], ids=["at-limit", "over"]
+)
+def test_chunked_body_limit_is_exact(gateway, size, status):
+    """MAX_REQUEST_SIZE (10,000 by default) is accepted, one byte more is not."""
+    body = padded(size)
+    assert len(body) == size
+    response = requests.post(
+        f"{gateway.url}/llm/message",
+        data=chunked(body),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == status, response.text
+    if status == 413:
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("size", "status"), [(10_000, 200), (10_001, 413)], ids=["at-limit", "over"]
+)
+def test_sized_body_limit_is_exact(gateway, size, status):
+    response = requests.post(
+        f"{gateway.url}/llm/message",
+        data=padded(size),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == status, response.text
+
+
+def status_of(answer: bytes) -> tuple[int, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize(
+    ("path_length", "app_answers"), [(8000, True), (8300, False)], ids=["8000", "8300"]
+)
+def test_request_line_limit_is_8_kb(gateway, path_length, app_answers):
+    """gunicorn refuses a request line over 8 KB before the app runs."""
+    path = "/" + "a" * (path_length - 1)
+    answer = raw_request(
+        gateway, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    status, body = status_of(answer)
+    if app_answers:
+        assert status == 404
+        assert b'"not_found"' in body  # the app's error contract
+    else:
+        assert status == 414  # URI Too Long
+        assert b"correlation_id" not in body  # gunicorn's own plain answer
+
+
+@pytest.mark.parametrize(
+    ("value_length", "app_answers"),
+    [(32_000, True), (33_000, False)],
+    ids=["32000", "33000"],
+)
+def test_header_field_limit_is_32_kb(gateway, value_length, app_answers):
+    """gunicorn refuses a header field over 32 KB before the app runs."""
+    header = b"X-Padding: " + b"p" * value_length
+    answer = raw_request(
+        gateway,
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\n"
+        + header
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    status, body = status_of(answer)
+    if app_answers:
+        assert status == 200
+        assert b'"alive"' in body
+    else:
+        assert status == 431  # Request Header Fields Too Large
+        assert b"correlation_id" not in body
+
+
 def test_10kb_correlation_id_is_replaced(gateway):
     response = requests.get(
         f"{gateway.url}/health/live",

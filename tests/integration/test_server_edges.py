@@ -95,6 +95,35 @@ def test_gunicorn_refuses_to_start_on_a_bad_setting():
     gateway.stop()
 
 
+def test_dotenv_never_overrides_the_real_environment(tmp_path):
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text(
+        "LLM_SERVICE_LM_STUDIO_URL=http://from-dotenv:1\n"
+        "LLM_SERVICE_RATE_LIMIT_REQUESTS=7\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LLM_SERVICE_ENV_FILE": str(env_file),
+        "LLM_SERVICE_LM_STUDIO_URL": "http://from-environment:2",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import wsgi; c = wsgi.app.config; "
+            "print(c['LM_STUDIO_BASE_URL'], c['RATE_LIMIT_REQUESTS'])",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    # The real variable wins; what only .env sets is loaded.
+    assert result.stdout.split() == ["http://from-environment:2", "7"]
+
+
 def test_dotenv_is_loaded(tmp_path, fake):
     env_file = tmp_path / "gateway.env"
     env_file.write_text(f"LLM_SERVICE_LM_STUDIO_URL={fake.url}\n")
@@ -104,3 +133,30 @@ def test_dotenv_is_loaded(tmp_path, fake):
         health = requests.get(f"{gateway.url}/health", timeout=5).json()
         assert health["lm_studio"]["url"] == fake.url
     time.sleep(0)  # nothing else to wait for
+
+
+def test_api_token_never_reaches_the_process_output(fake):
+    """Start-up, success, a refused connection and a refused token, at DEBUG:
+    nothing gunicorn or the app prints carries the token."""
+    token = "sk-lm-SECRET-7f3a"
+    fake.api_token = token
+    settings = {
+        "LM_STUDIO_URL": fake.url,
+        "LM_STUDIO_API_TOKEN": token,
+        "LM_STUDIO_RETRIES": 0,
+        "LOG_LEVEL": "DEBUG",
+    }
+    with GatewayServer(settings, log_level="debug") as gateway:
+        url = f"{gateway.url}/llm/message"
+        assert requests.post(url, json=HELLO, timeout=10).status_code == 200
+        fake.api_token = "another-token"
+        assert requests.post(url, json=HELLO, timeout=10).status_code == 502
+        fake.refuse(drop_connections=True)
+        try:
+            assert requests.post(url, json=HELLO, timeout=10).status_code == 503
+            assert requests.get(f"{gateway.url}/health", timeout=10).status_code == 503
+        finally:
+            fake.accept()
+        logs = gateway.logs()
+    assert "upstream call failed" in logs  # the failures were logged
+    assert "SECRET" not in logs

@@ -136,24 +136,28 @@ def test_message_stream_unknown_usage_is_null(gateway, fake):
     assert final["usage"] is None
 
 
-@pytest.mark.parametrize("kind", ["stream_error", "stream_cut"])
+#: Mid-stream faults of the fake and the code each must end the stream with.
+#: ``stream_end`` ends the body cleanly with neither a finish_reason nor [DONE].
+MID_STREAM_FAULTS = {
+    "stream_error": "upstream_stream_error",
+    "stream_cut": "upstream_stream_cut",
+    "stream_end": "upstream_stream_cut",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MID_STREAM_FAULTS))
 def test_v1_failure_mid_stream_is_an_error_event_without_done(gateway, fake, kind):
     fake.fault(kind, times=1, after=2)
     payloads = data_of(read_events(f"{gateway.url}/v1/chat/completions", CHAT))
     assert "[DONE]" not in payloads
+    assert len(payloads) == 3  # two chunks, then the error
     error = json.loads(payloads[-1])["error"]
-    assert (
-        error["code"]
-        == {
-            "stream_error": "upstream_stream_error",
-            "stream_cut": "upstream_stream_cut",
-        }[kind]
-    )
+    assert error["code"] == MID_STREAM_FAULTS[kind]
     assert error["type"] == "server_error"
     assert set(error) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("kind", ["stream_error", "stream_cut"])
+@pytest.mark.parametrize("kind", sorted(MID_STREAM_FAULTS))
 def test_message_failure_mid_stream_is_an_error_event(gateway, fake, kind):
     fake.fault(kind, times=1, after=2)
     events = read_events(f"{gateway.url}/llm/message", MESSAGE)
@@ -161,7 +165,7 @@ def test_message_failure_mid_stream_is_an_error_event(gateway, fake, kind):
     last = events[-1][1]
     assert last.startswith("event: error")
     body = json.loads(last.split("data: ", 1)[1])
-    assert body["error"]["code"].startswith("upstream_stream_")
+    assert body["error"]["code"] == MID_STREAM_FAULTS[kind]
     assert body["correlation_id"]
 
 
@@ -251,25 +255,61 @@ def test_connect_timeout_has_its_own_code():
     assert response.json()["error"]["code"] == "upstream_connect_timeout"
 
 
-def test_client_disconnect_closes_the_upstream_within_a_second(gateway, fake):
-    fake.stream_interval = 0.2
-    fake.reply = " ".join(["word"] * 100)
+def hang_up(gateway, fake, *, after_data: bool) -> tuple[float | None, object]:
+    """Open a stream, hang up (after its first chunk, or while nothing flows).
+
+    Return the seconds from the hang-up to the upstream connection's close (None:
+    not closed within 5 s), and the fake's record of the upstream request.
+    Chunks come a second apart and no keep-alive is due for 10 s, so only the
+    disconnect watcher can close the upstream sooner than about a second.
+    """
+    fake.stream_interval = 1.0
+    fake.reply = " ".join(["word"] * 10)
+    if not after_data:
+        fake.first_token_delay = 10
     sock = open_raw_stream(gateway)
-    received = b""
-    while received.count(b"data: ") < 3:
-        received += sock.recv(65536)
+    if after_data:
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(65536)
+    else:
+        assert fake.wait_for(
+            lambda: any(r.path == "/v1/chat/completions" for r in fake.requests), 5
+        )
+        time.sleep(0.3)  # the gateway is now waiting for the first token
+    upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
     sock.close()
     disconnected = time.monotonic()
-    upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
     closed_at = fake.wait_for(lambda: upstream_closed_at(fake, upstream), timeout=5)
-    assert closed_at is not None
-    gap = closed_at - disconnected
-    assert gap < 1.0, f"upstream closed {gap:.3f} s after the client left"
-    record = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
-    assert record.chunks_sent < 100  # generation stopped early
+    return (None if closed_at is None else closed_at - disconnected), upstream
+
+
+def test_client_disconnect_closes_the_upstream_at_once(gateway, fake):
+    gap, upstream = hang_up(gateway, fake, after_data=True)
+    assert gap is not None
+    assert gap < 0.5, f"upstream closed {gap:.3f} s after the client left"
+    assert upstream.chunks_sent < 3  # generation stopped early
+
+
+def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
+    """While the model reads a long prompt nothing flows; a hang-up still stops it."""
+    gap, upstream = hang_up(gateway, fake, after_data=False)
+    assert gap is not None
+    assert gap < 0.5, f"upstream closed {gap:.3f} s after the client left"
+    assert upstream.chunks_sent == 0
+
+
+@pytest.mark.performance
+@pytest.mark.parametrize("after_data", [True, False], ids=["flowing", "silent"])
+def test_cancellation_gap_meets_the_readme_target(gateway, fake, after_data):
+    """README, Performance: client gone -> upstream closed within 100 ms."""
+    gap, _ = hang_up(gateway, fake, after_data=after_data)
+    assert gap is not None
+    assert gap <= 0.100, f"upstream closed {gap * 1000:.1f} ms after the client left"
 
 
 @pytest.mark.slow
+@pytest.mark.performance
 def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
     fake.stream_interval = 1.0
     fake.reply = " ".join(["word"] * 6)
@@ -303,19 +343,3 @@ def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
     assert health_seconds < 1.0
     assert len(results) == 200
     assert all(status == 200 and b"[DONE]" in body for status, body in results)
-
-
-def test_client_leaving_during_a_silent_upstream_cancels_it(gateway, fake):
-    """While the model reads a long prompt nothing flows; a hang-up still stops it."""
-    fake.first_token_delay = 10
-    sock = open_raw_stream(gateway)
-    assert fake.wait_for(
-        lambda: any(r.path == "/v1/chat/completions" for r in fake.requests), 5
-    )
-    upstream = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1]
-    time.sleep(0.3)
-    sock.close()
-    disconnected = time.monotonic()
-    closed_at = fake.wait_for(lambda: upstream_closed_at(fake, upstream), timeout=5)
-    assert closed_at is not None
-    assert closed_at - disconnected < 1.0

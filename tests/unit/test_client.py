@@ -243,6 +243,8 @@ def test_budget_bounds_the_last_attempts_timeout(upstream, monkeypatch):
         # LM Studio's three error shapes, and its 200-with-error.
         (200, {"error": "No models loaded. Please load a model."}, NoModelLoadedError),
         (400, {"error": "No models loaded. Please load a model."}, NoModelLoadedError),
+        # The singular wording, as other OpenAI-compatible servers put it.
+        (400, {"error": {"message": "No model loaded"}}, NoModelLoadedError),
         (
             404,
             {"error": {"message": 'Model "x" not found', "code": "model_not_found"}},

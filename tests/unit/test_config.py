@@ -13,6 +13,7 @@ from llm_service.config import (
     check_not_self,
     unknown_variables,
 )
+from llm_service.config import instance_path as real_instance_path
 from tests.servers import ROOT
 
 
@@ -192,7 +193,8 @@ def test_instance_path_is_where_flask_looks():
     from flask import Flask
 
     app = Flask("llm_service", instance_relative_config=True)
-    assert config.instance_path() == app.instance_path
+    # The function itself: the autouse instance_path fixture replaced the name.
+    assert real_instance_path() == app.instance_path
 
 
 def test_instance_config_reaches_app_and_server_settings(instance, monkeypatch):
@@ -229,3 +231,62 @@ def test_server_settings_are_checked(instance, monkeypatch):
     monkeypatch.setenv("LLM_SERVICE_CLIENT_HEADER_TIMEOUT", "0")
     with pytest.raises(ConfigError, match="LLM_SERVICE_CLIENT_HEADER_TIMEOUT"):
         config.server_settings()
+
+
+def test_instance_config_sits_between_defaults_and_environment(
+    instance_path, monkeypatch
+):
+    """instance/config.py overrides the defaults; the environment overrides it."""
+    instance_path.mkdir()
+    (instance_path / "config.py").write_text(
+        "RATE_LIMIT_REQUESTS = 7\nLM_STUDIO_PORT = 4321\nLOG_FORMAT = 'text'\n"
+    )
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_PORT", "5555")
+    config = create_app().config
+    assert config["RATE_LIMIT_REQUESTS"] == 7
+    assert config["LOG_FORMAT"] == "text"
+    assert config["LM_STUDIO_PORT"] == 5555
+
+
+def test_instance_config_example_is_a_working_config(instance_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "instance" / "config.py.example"
+    instance_path.mkdir()
+    (instance_path / "config.py").write_text(
+        example.read_text().replace(
+            "RATE_LIMIT_REQUESTS = 100", "RATE_LIMIT_REQUESTS = 9"
+        )
+    )
+    config = create_app().config
+    assert config["RATE_LIMIT_REQUESTS"] == 9
+    assert config["LM_STUDIO_BASE_URL"] == "http://localhost:1234"
+
+
+def test_bad_instance_value_stops_start_up(instance_path):
+    instance_path.mkdir()
+    (instance_path / "config.py").write_text("LM_STUDIO_TIMEOUT = -3\n")
+    with pytest.raises(ConfigError, match="LM_STUDIO_TIMEOUT"):
+        create_app()
+
+
+def test_retry_after_max_setting_reaches_the_client(app_factory, sleeps):
+    """LLM_SERVICE_LM_STUDIO_RETRY_AFTER_MAX caps the wait, not just the client's
+    own default."""
+    import responses
+    from responses.registries import OrderedRegistry
+
+    from tests.conftest import UPSTREAM
+
+    app = app_factory(LM_STUDIO_RETRY_AFTER_MAX=3, DEFAULT_MODEL="m")
+    chat = f"{UPSTREAM}/v1/chat/completions"
+    answer = {"model": "m", "choices": [{"message": {"content": "ok"}}]}
+    with responses.RequestsMock(registry=OrderedRegistry) as ordered:
+        ordered.post(chat, status=503, headers={"Retry-After": "3600"}, json={})
+        ordered.post(chat, status=429, headers={"Retry-After": "2"}, json={})
+        ordered.post(chat, json=answer)
+        response = app.test_client().post(
+            "/llm/message", json={"messages": [{"role": "user", "content": "q"}]}
+        )
+    assert response.status_code == 200
+    assert sleeps == [3.0, 2.0]

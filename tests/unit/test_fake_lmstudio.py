@@ -716,6 +716,17 @@ def test_stream_cut_fault(fake):
     assert fake.requests[0].fault == "stream_cut"
 
 
+def test_stream_end_fault_ends_cleanly_without_a_finish(fake):
+    fake.reply = "a b c d e"
+    fake.fault("stream_end", times=1, after=2)
+    with chat(fake, stream=True) as r:
+        payloads = sse_payloads(r)  # the body ends cleanly: no error here
+    chunks = [json.loads(p) for p in payloads]
+    assert len(chunks) == 2
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert fake.requests[0].fault == "stream_end"
+
+
 def test_slow_stream_fault(fake):
     fake.reply = "a b c"
     fake.fault("slow_stream", times=1, interval=0.15)

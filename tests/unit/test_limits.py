@@ -422,3 +422,24 @@ def test_store_failing_while_another_thread_falls_back_is_not_a_500(
 
     monkeypatch.setattr(limiter._limiter, "hit", fail_after_another_thread_switched)
     assert app.test_client().post("/llm/message", json={}).status_code == 422
+
+
+def test_retry_after_and_reset_are_the_windows_real_reset_time(
+    app_factory, monkeypatch
+):
+    """The window opened at the first request; a 429 says when it ends."""
+    clock = [1000.0]
+    monkeypatch.setattr("llm_service.limits.time.time", lambda: clock[0])
+    client = app_factory(RATE_LIMIT_REQUESTS=2).test_client()
+    client.post("/llm/message", json={})  # opens the window: it ends at 1060
+    clock[0] = 1010.0
+    client.post("/llm/message", json={})
+    clock[0] = 1017.5
+    response = client.post("/llm/message", json={})
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "43"  # ceil(1060 - 1017.5)
+    assert response.headers["X-RateLimit-Reset"] == "1060"
+    clock[0] = 1059.2
+    assert client.post("/llm/message", json={}).headers["Retry-After"] == "1"
+    clock[0] = 1060.0
+    assert client.post("/llm/message", json={}).status_code == 422  # a new window

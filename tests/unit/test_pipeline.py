@@ -1,6 +1,7 @@
 """Request pipeline: correlation IDs, timing, security headers, access records."""
 
 import json
+import logging
 import uuid
 
 import pytest
@@ -54,6 +55,19 @@ def test_hsts_only_over_https(client):
     assert "max-age" in secure.headers["Strict-Transport-Security"]
 
 
+def test_hsts_behind_a_trusted_proxy_that_says_https(app_factory):
+    proxied = app_factory(TRUSTED_PROXIES=1).test_client()
+    https = proxied.get("/", headers={"X-Forwarded-Proto": "https"})
+    assert "max-age" in https.headers["Strict-Transport-Security"]
+    http = proxied.get("/", headers={"X-Forwarded-Proto": "http"})
+    assert "Strict-Transport-Security" not in http.headers
+
+
+def test_forwarded_proto_is_ignored_without_trusted_proxies(client):
+    response = client.get("/", headers={"X-Forwarded-Proto": "https"})
+    assert "Strict-Transport-Security" not in response.headers
+
+
 @pytest.mark.parametrize("header", ["X-Correlation-ID", "X-Request-ID"])
 @pytest.mark.parametrize("value", ["abc-123", "a.b:c_d-e", "x" * 128, "0"])
 def test_valid_incoming_id_is_kept(client, header, value):
@@ -75,11 +89,18 @@ def test_valid_incoming_id_is_kept(client, header, value):
         "<script>",
     ],
 )
-def test_hostile_incoming_id_is_replaced(client, value):
-    response = client.get("/", headers={"X-Correlation-ID": value})
+@pytest.mark.parametrize("header", ["X-Correlation-ID", "X-Request-ID"])
+def test_hostile_incoming_id_is_replaced(client, header, value):
+    response = client.get("/", headers={header: value})
     chosen = response.headers["X-Correlation-ID"]
     assert chosen != value
     uuid.UUID(chosen)
+    assert response.json["correlation_id"] == chosen
+
+
+def test_hostile_correlation_id_falls_back_to_a_valid_request_id(client):
+    headers = {"X-Correlation-ID": "bad id", "X-Request-ID": "req-7"}
+    assert client.get("/", headers=headers).headers["X-Correlation-ID"] == "req-7"
 
 
 def test_each_request_gets_its_own_id(client):
@@ -154,6 +175,49 @@ def test_api_token_is_never_logged(app_factory, upstream):
     assert handler.lines
     assert "SECRET" not in "\n".join(handler.lines)
     assert "SECRET" not in response.get_data(as_text=True)
+
+
+def test_api_token_is_never_logged_from_start_up_to_failure(app_factory, upstream):
+    """Start-up, a refused connection, a 401, a probe and the CLI, all at DEBUG:
+    every record any logger makes (the root's too) is free of the token."""
+    import logging
+
+    from llm_service.logs import ROOT_LOGGER, JsonFormatter
+
+    handler = _AllRecords()
+    handler.setFormatter(JsonFormatter())
+    loggers = [logging.getLogger(ROOT_LOGGER), logging.getLogger()]
+    root_level = logging.getLogger().level
+    for logger in loggers:
+        logger.addHandler(handler)
+    logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        app = app_factory(LM_STUDIO_API_TOKEN="sk-lm-SECRET:TOKEN", LOG_LEVEL="DEBUG")
+        client = app.test_client()
+        chat = f"{UPSTREAM}/v1/chat/completions"
+        body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        upstream.post(chat, body=requests.ConnectionError("refused"))
+        assert client.post("/llm/message", json=body).status_code == 503
+        upstream.replace("POST", chat, status=401, json={"error": "bad token"})
+        assert client.post("/llm/message", json=body).status_code == 502
+        upstream.get(f"{UPSTREAM}/v1/models", body=requests.ConnectionError("x"))
+        assert client.get("/health").status_code == 503
+        app.test_cli_runner().invoke(args=["lmstudio", "ping"])
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        logging.getLogger().setLevel(root_level)
+    assert len(handler.lines) >= 4
+    assert "SECRET" not in "\n".join(handler.lines)
+
+
+class _AllRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 def test_text_format(app_factory):

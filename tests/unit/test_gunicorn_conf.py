@@ -1,0 +1,49 @@
+"""gunicorn.conf.py: the server settings the README promises."""
+
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+
+CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    """Load gunicorn.conf.py as gunicorn does, with no GUNICORN_* overrides."""
+    for name in list(os.environ):
+        if name.startswith("GUNICORN_"):
+            monkeypatch.delenv(name)
+
+    def load(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return runpy.run_path(str(CONF))
+
+    return load
+
+
+def test_binds_to_loopback_by_default(settings):
+    assert settings()["bind"] == "127.0.0.1:8000"
+
+
+def test_bind_is_configurable(settings):
+    assert settings(GUNICORN_BIND="0.0.0.0:9000")["bind"] == "0.0.0.0:9000"
+
+
+def test_one_gthread_process_with_many_threads(settings):
+    conf = settings()
+    # gthread with a deadline for request heads (llm_service/server.py).
+    assert conf["worker_class"] == "llm_service.server.Worker"
+    assert conf["workers"] == 1
+    assert conf["threads"] == 1024
+    assert conf["worker_connections"] > conf["threads"]
+
+
+def test_request_line_and_header_limits(settings):
+    """README, Errors: a request line over 8 KB, a header over 32 KB are refused
+    (tests/integration/test_gateway.py sends them to real gunicorn)."""
+    conf = settings()
+    assert conf["limit_request_line"] == 8190
+    assert conf["limit_request_field_size"] == 32768
