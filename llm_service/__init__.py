@@ -22,7 +22,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # only) runs in any Python, before the service's dependencies exist.
     from flask import Flask
 
-    from . import config, errors, limits, logs, pipeline, upstream
+    from . import config, errors, limits, logs, pipeline, upstreams
 
     app = Flask(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
@@ -33,7 +33,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     limits.init_app(app)
     pipeline.init_app(app)
     errors.init_app(app)
-    upstream.init_app(app)
+    upstreams.init_app(app)
 
     from . import cli, health, message, openai_api, openapi
 

@@ -3,7 +3,9 @@
 ``{"error": {"code", "message", "details"?}, "correlation_id"}``, or on the
 OpenAI-compatible ``/v1`` routes OpenAI's ``{"error": {"message", "type",
 "param", "code"}, "correlation_id"}`` so SDK clients raise the right exception.
-This is the only module that knows both the client's exceptions and HTTP.
+This is the only module that knows both the client's exceptions and HTTP. It
+maps and changes no state: what an error means for the upstream (a health
+cache to drop...) is the door's business (:mod:`.upstreams`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .lifecycle import ShuttingDownError
-from .lmstudio import (
+from .lmstudio.diagnosis import cause_of
+from .lmstudio.errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioCancelledError,
@@ -35,10 +38,8 @@ from .lmstudio import (
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
-    cause_of,
 )
 from .pipeline import correlation_id
-from .upstream import get_upstream
 
 log = logging.getLogger("llm_service.errors")
 
@@ -215,7 +216,6 @@ def _upstream_status(error: LMStudioError) -> Failure:
     if isinstance(error, ModelNotFoundError):
         return Failure(404, "model_not_found", error.message)
     if isinstance(error, NoModelLoadedError):
-        get_upstream().forget_health()
         return Failure(
             503,
             "no_model_loaded",

@@ -10,11 +10,10 @@ from . import __version__
 from .config import redact_url
 from .errors import UNAVAILABLE_RETRY_AFTER
 from .limits import storage_state
-from .lmstudio import HealthReport
 from .openapi import documented
 from .pipeline import correlation_id
 from .schemas import HealthSchema, IndexSchema, LiveSchema, ReadySchema
-from .upstream import get_upstream
+from .upstreams import HealthReport, get_upstream
 
 bp = Blueprint("health", __name__)
 

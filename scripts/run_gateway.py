@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from llm_service import create_app  # noqa: E402
 from llm_service import local_backend as backend  # noqa: E402
 from llm_service.config import ConfigError, check_not_self, redact_url  # noqa: E402
-from llm_service.lmstudio import CAUSES, HealthReport  # noqa: E402
+from llm_service.lmstudio.diagnosis import CAUSES  # noqa: E402
 from llm_service.logs import ROOT_LOGGER  # noqa: E402
-from llm_service.upstream import EXTENSION  # noqa: E402
+from llm_service.upstreams import HealthReport, get_upstream  # noqa: E402
 
 EXIT_CONFIG = 3
 EXIT_BACKEND = 4
@@ -126,7 +126,8 @@ def main() -> int:
     shown = redact_url(url)
     # The probe's own retries and warnings are not news here: its verdict is.
     logging.getLogger(ROOT_LOGGER).setLevel(logging.CRITICAL + 1)
-    report = app.extensions[EXTENSION].client.probe()
+    with app.app_context():
+        report = get_upstream().probe()
     server = None
     bundled = False
     if report.reachable:

@@ -59,6 +59,8 @@ LOOP_CODE = "upstream_loop"
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
+#: Returns the correlation ID to send with a call (None: send none).
+CorrelationSource = Callable[[], str | None]
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ class LMStudioClient:
         max_response_bytes: int = 16 * 1024 * 1024,
         max_sse_line_bytes: int = 4 * 1024 * 1024,
         on_attempt: AttemptObserver | None = None,
+        correlation_id: CorrelationSource | None = None,
         via: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -192,6 +195,7 @@ class LMStudioClient:
         self.retry_after_max = retry_after_max
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
+        self._correlation_id = correlation_id
         self._flight_lock = threading.Lock()
         self._generations = 0
         self.session = requests.Session()
@@ -211,6 +215,9 @@ class LMStudioClient:
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = "llm-service"
         self.session.headers["Accept"] = "application/json"
+        #: True when calls carry ``Authorization: Bearer`` (the token itself
+        #: stays in the session's headers only).
+        self.sends_token = bool(api_token)
         if api_token:
             self.session.headers["Authorization"] = f"Bearer {api_token}"
         if via:
@@ -252,16 +259,11 @@ class LMStudioClient:
         self,
         payload: dict[str, Any],
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> ChatResult:
         """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
         body, request_id = self._call(
-            "POST",
-            "/v1/chat/completions",
-            json=payload,
-            correlation_id=correlation_id,
-            scope=scope,
+            "POST", "/v1/chat/completions", json=payload, scope=scope
         )
         try:
             choice = body["choices"][0]
@@ -289,24 +291,20 @@ class LMStudioClient:
         path: str,
         payload: Any,
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> dict[str, Any]:
         """POST ``payload`` to ``path`` (with retries); return the JSON object."""
-        body, _ = self._call(
-            "POST", path, json=payload, correlation_id=correlation_id, scope=scope
-        )
+        body, _ = self._call("POST", path, json=payload, scope=scope)
         return body
 
     def get_json(
         self,
         path: str,
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> dict[str, Any]:
         """GET ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("GET", path, correlation_id=correlation_id, scope=scope)
+        body, _ = self._call("GET", path, scope=scope)
         return body
 
     def open_stream(
@@ -314,7 +312,6 @@ class LMStudioClient:
         path: str,
         payload: dict[str, Any],
         *,
-        correlation_id: str | None = None,
         first_token_timeout: float = 120.0,
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
@@ -335,7 +332,7 @@ class LMStudioClient:
             response = self._open_with_retries(
                 path,
                 {**payload, "stream": True},
-                correlation_id=correlation_id,
+                correlation_id=self._current_correlation_id(),
                 scope=scope,
                 deadline=time.monotonic() + self.retry_budget,
             )
@@ -354,11 +351,9 @@ class LMStudioClient:
             started=scope.sent_at,
         )
 
-    def list_models(
-        self, *, correlation_id: str | None = None, scope: CallScope | None = None
-    ) -> list[str]:
+    def list_models(self, *, scope: CallScope | None = None) -> list[str]:
         """Return the model ids of ``GET /v1/models`` (with retries)."""
-        body = self.get_json("/v1/models", correlation_id=correlation_id, scope=scope)
+        body = self.get_json("/v1/models", scope=scope)
         return self._model_ids(body)
 
     def is_lmstudio(self, *, timeout: float | None = None) -> bool:
@@ -455,10 +450,13 @@ class LMStudioClient:
         path: str,
         *,
         json: Any = None,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> tuple[dict[str, Any], str | None]:
-        """Make one call with retries; the whole call ends within the budget."""
+        """Make one call with retries; the whole call ends within the budget.
+
+        The call carries the correlation ID of the ``correlation_id`` hook;
+        probes (which do not come through here) carry none.
+        """
         scope = scope or CallScope()
         deadline = time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
@@ -467,13 +465,16 @@ class LMStudioClient:
                 method,
                 path,
                 json=json,
-                correlation_id=correlation_id,
+                correlation_id=self._current_correlation_id(),
                 scope=scope,
                 deadline=deadline,
                 observe=True,
             )
         finally:
             scope.finish()
+
+    def _current_correlation_id(self) -> str | None:
+        return self._correlation_id() if self._correlation_id else None
 
     def _attempt(
         self,

@@ -82,7 +82,7 @@ def test_chat_completion_parses_answer(client, upstream):
 
 
 def test_sends_correlation_id_and_token(upstream):
-    lm = LMStudioClient(BASE, api_token="sk-lm-abc:def")
+    lm = LMStudioClient(BASE, api_token="sk-lm-abc:def", correlation_id=lambda: "cid-1")
     upstream.post(
         CHAT,
         json=completion(),
@@ -96,7 +96,7 @@ def test_sends_correlation_id_and_token(upstream):
             matchers.json_params_matcher(PAYLOAD),
         ],
     )
-    lm.chat_completion(PAYLOAD, correlation_id="cid-1")
+    lm.chat_completion(PAYLOAD)
 
 
 @pytest.mark.parametrize(
@@ -445,10 +445,11 @@ def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
     [("my-request-1", None), ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same")],
 )
 def test_x_request_id_goes_upstream_only_as_a_uuid(
-    client, upstream, correlation_id, request_id
+    upstream, correlation_id, request_id
 ):
+    client = LMStudioClient(BASE, correlation_id=lambda: correlation_id)
     upstream.post(CHAT, json=completion())
-    client.chat_completion(PAYLOAD, correlation_id=correlation_id)
+    client.chat_completion(PAYLOAD)
     sent = upstream.calls[0].request.headers
     assert sent["X-Correlation-ID"] == correlation_id
     expected = correlation_id if request_id else None
