@@ -7,8 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from .lmstudio.chunks import read_chat_chunk
-from .lmstudio.client import Usage
+from .lmstudio.chunks import Usage, read_chat_chunk
 from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, documented
 from .pipeline import correlation_id

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint
 
+from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
 from .schemas import (
     ChatCompletionRequestSchema,
@@ -45,8 +46,9 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
         return event_stream_response(
             relay(
                 upstream,
-                # The upstream's own bytes go out as they are: no re-encoding.
-                lambda event: b"data: " + event.data.encode() + b"\n\n",
+                # The upstream's events go out as they came (names, ids and
+                # multi-line data kept), their data never re-encoded.
+                SSEEvent.encode,
                 lambda: DONE,
                 sse,
             )

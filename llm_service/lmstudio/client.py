@@ -18,6 +18,7 @@ import backoff
 import requests
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
+from .chunks import BODY_EXCERPT, ChatResult, read_chat_completion
 from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
@@ -46,7 +47,6 @@ log = logging.getLogger("llm_service.lmstudio")
 #: Statuses worth another attempt: the upstream timed out, is overloaded or failed.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})
-BODY_EXCERPT = 300
 #: Pieces in which an answer's body is read (and checked against the limit).
 BODY_READ_SIZE = 65536
 #: Statuses a server answers for a path or method it does not serve: the
@@ -61,26 +61,6 @@ LOOP_CODE = "upstream_loop"
 AttemptObserver = Callable[[int | None], None]
 #: Returns the correlation ID to send with a call (None: send none).
 CorrelationSource = Callable[[], str | None]
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts the upstream reported for one completion."""
-
-    prompt: int
-    completion: int
-    total: int
-
-
-@dataclass(frozen=True)
-class ChatResult:
-    """The parts of a chat completion the gateway answers with."""
-
-    text: str
-    model: str
-    finish_reason: str | None
-    usage: Usage | None
-    request_id: str | None = None
 
 
 @dataclass
@@ -265,25 +245,8 @@ class LMStudioClient:
         body, request_id = self._call(
             "POST", "/v1/chat/completions", json=payload, scope=scope
         )
-        try:
-            choice = body["choices"][0]
-            message = choice["message"]
-            text = message.get("content") or ""
-            if not isinstance(text, str):
-                raise TypeError("content is not a string")
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise LMStudioProtocolError(
-                "The upstream's chat completion has no message.",
-                status=200,
-                body=safe_excerpt(str(body), BODY_EXCERPT),
-                request_id=request_id,
-            ) from err
-        return ChatResult(
-            text=text,
-            model=str(body.get("model") or payload.get("model") or ""),
-            finish_reason=choice.get("finish_reason"),
-            usage=parse_usage(body.get("usage")),
-            request_id=request_id,
+        return read_chat_completion(
+            body, model=str(payload.get("model") or ""), request_id=request_id
         )
 
     def post_json(
@@ -860,19 +823,6 @@ class LMStudioClient:
         if not isinstance(data, list):
             raise LMStudioProtocolError("/v1/models answered without a data list.")
         return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
-
-
-def parse_usage(raw: Any) -> Usage | None:
-    """Parse an OpenAI ``usage`` object; missing, malformed or all-zero: unknown."""
-    if not isinstance(raw, dict):
-        return None
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    counts = [raw.get(key) for key in keys]
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        return None
-    if not any(counts):
-        return None
-    return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
 
 
 def describe(error: LMStudioError) -> str:

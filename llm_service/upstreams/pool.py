@@ -21,7 +21,8 @@ from typing import Any
 
 from flask import Flask, current_app, g, has_request_context, request
 
-from ..lmstudio.client import ChatResult, HealthReport, LMStudioClient
+from ..lmstudio.chunks import ChatResult
+from ..lmstudio.client import HealthReport, LMStudioClient
 from ..lmstudio.errors import LMStudioLoopError, NoModelLoadedError
 from ..lmstudio.stream import UpstreamStream
 from ..pipeline import correlation_id

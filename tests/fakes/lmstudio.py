@@ -77,6 +77,9 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "long_line": frozenset({"bytes", "newline"}),
     # Chunk number `after` replaced by `data` (JSON-encoded unless a string).
     "bad_chunk": frozenset({"data", "after"}),
+    # Chunk number `after` replaced by `frame`, the raw text of one event
+    # (e.g. an `event:` name, an `id:`, several `data:` lines), sent as it is.
+    "raw_event": frozenset({"frame", "after"}),
     # Not a model server at all: raw bytes that are not HTTP, then close.
     "garbage": frozenset({"data"}),
     # A plain web server (nginx, python -m http.server) where the API should be:
@@ -89,7 +92,7 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
 }
 # These only make sense once a stream is under way, so they wait for one.
 _STREAM_ONLY_KINDS = frozenset(
-    {"stream_error", "stream_cut", "slow_stream", "long_line", "bad_chunk"}
+    {"stream_error", "stream_cut", "slow_stream", "long_line", "bad_chunk", "raw_event"}
 )
 # Bytes written at once by the flood faults.
 _FLOOD_WRITE = 65536
@@ -1193,6 +1196,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_event(
                     data.encode() if isinstance(data, str) else _dumps(data)
                 )
+                continue
+            if fault_kind == "raw_event" and index == params.get("after", 1):
+                self._write_chunk(params.get("frame", "").encode())
+                if self.record is not None:
+                    self.record.chunks_sent += 1
                 continue
             self._send_event(_dumps(chunk(piece, index, None)))
         if fault_kind in ("stream_error", "stream_cut") and cut_after >= len(pieces):
