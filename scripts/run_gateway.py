@@ -26,8 +26,8 @@ from dotenv import load_dotenv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import local_backend as backend  # noqa: E402
 from llm_service import create_app  # noqa: E402
-from llm_service import local_backend as backend  # noqa: E402
 from llm_service.config import ConfigError, check_not_self, redact_url  # noqa: E402
 from llm_service.lmstudio.diagnosis import CAUSES  # noqa: E402
 from llm_service.logs import ROOT_LOGGER  # noqa: E402
@@ -114,7 +114,8 @@ def main() -> int:
         app = create_app()
         config = app.config
         check_not_self(config["LM_STUDIO_BASE_URL"], bind)
-    except ConfigError as err:
+        start_bundled = backend.LOCAL_BACKEND.read()
+    except (ConfigError, backend.SettingError) as err:
         fail(f"configuration error: {err}")
         return EXIT_CONFIG
     busy = busy_port_message(bind)
@@ -138,7 +139,7 @@ def main() -> int:
     elif report.cause != "refused":
         say(describe_upstream(report))
         say("the gateway starts anyway; /health says what is wrong until it is fixed")
-    elif config["LOCAL_BACKEND"] == "off":
+    elif start_bundled == "off":
         say(
             f"nothing listens at {shown} and LLM_SERVICE_LOCAL_BACKEND=off: "
             "/llm/message answers 503 until something does"
