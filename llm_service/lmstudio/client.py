@@ -96,23 +96,24 @@ class HealthReport:
         return list(self.loaded if self.loaded is not None else self.models)
 
 
-def _retry_waits(base: float = 0.5, cap: float = 8.0) -> Iterator[float]:
-    """Yield waits between attempts: ``Retry-After`` when given, else jittered expo.
+def _retry_wait(
+    error: LMStudioError, attempt: int, base: float = 0.5, cap: float = 8.0
+) -> float:
+    """The wait before retry number ``attempt + 1``: ``Retry-After``, else expo.
 
-    backoff sends each attempt's exception in; "equal jitter" keeps at least half
-    of the exponential wait so retries do not stampede an upstream that is
-    restarting.
+    "Equal jitter" keeps at least half of the exponential wait so retries do
+    not stampede an upstream that is restarting.
     """
-    attempt = 0
-    error = yield  # primed by backoff with None
+    if error.retry_after is not None:
+        return error.retry_after
+    ceiling = min(cap, base * 2**attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
+
+
+def _no_wait() -> Iterator[float]:
+    """backoff's own waits: none (the client waits, through its ``sleep``)."""
     while True:
-        if getattr(error, "retry_after", None) is not None:
-            delay = error.retry_after
-        else:
-            ceiling = min(cap, base * 2**attempt)
-            delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
-        attempt += 1
-        error = yield delay
+        yield 0
 
 
 def _is_retryable(error: LMStudioError) -> bool:
@@ -146,6 +147,10 @@ class LMStudioClient:
     the upstream connection is then closed at once.
     """
 
+    #: How the client waits between attempts. Injectable (``sleep=``, or on the
+    #: class for every client) so tests record the waits instead of sleeping.
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
     def __init__(
         self,
         base_url: str,
@@ -163,6 +168,7 @@ class LMStudioClient:
         on_attempt: AttemptObserver | None = None,
         correlation_id: CorrelationSource | None = None,
         via: str | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Largest answer body read; a larger one is refused, never read whole.
@@ -176,6 +182,8 @@ class LMStudioClient:
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
         self._correlation_id = correlation_id
+        if sleep is not None:
+            self.sleep = sleep
         self._flight_lock = threading.Lock()
         self._generations = 0
         self.session = requests.Session()
@@ -209,13 +217,13 @@ class LMStudioClient:
     def _with_retries(self, attempt: Callable, retries: int) -> Callable:
         """Wrap ``attempt`` in the one retry layer: retryable errors only."""
         return backoff.on_exception(
-            _retry_waits,
+            _no_wait,
             LMStudioError,
             max_tries=retries + 1,
             max_time=self.retry_budget,
             giveup=lambda error: not _is_retryable(error),
             jitter=None,
-            on_backoff=self._log_retry,
+            on_backoff=self._wait_before_retry,
             on_giveup=self._record_attempts,
             logger=None,
         )(attempt)
@@ -803,9 +811,11 @@ class LMStudioClient:
     def _record_attempts(details: dict) -> None:
         details["exception"].attempts = details["tries"]
 
-    @staticmethod
-    def _log_retry(details: dict) -> None:
+    def _wait_before_retry(self, details: dict) -> None:
+        """Log the failed attempt and wait (never past the retry budget)."""
         error = details["exception"]
+        wait = _retry_wait(error, attempt=details["tries"] - 1)
+        wait = max(0.0, min(wait, self.retry_budget - details["elapsed"]))
         # Never the upstream's text: it may quote the prompt or the token.
         log.warning(
             "upstream attempt %d failed (%s, upstream status %s, message of %d "
@@ -814,8 +824,9 @@ class LMStudioClient:
             type(error).__name__,
             error.status,
             len(error.message),
-            details["wait"],
+            wait,
         )
+        self.sleep(wait)
 
     @staticmethod
     def _model_ids(body: Any) -> list[str]:

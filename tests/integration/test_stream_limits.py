@@ -15,14 +15,9 @@ import pytest
 import requests
 
 from tests.integration.conftest import FAST_FAILURE
-from tests.integration.test_streaming import (
-    CHAT,
-    MESSAGE,
-    data_of,
-    read_events,
-    upstream_closed_at,
-)
+from tests.integration.test_streaming import CHAT, MESSAGE, upstream_closed_at
 from tests.servers import GatewayServer
+from tests.support.sse import data_of, read_events
 from tests.unit.test_chunks import MALFORMED_CHUNKS
 
 SLOW_CLIENT_LIMITS = {
