@@ -157,9 +157,12 @@ def error_body(failure: Failure) -> dict[str, Any]:
     return {"error": error, "correlation_id": correlation_id()}
 
 
-def error_response(failure: Failure) -> Response:
-    """Build the JSON response for ``failure``."""
-    response = jsonify(error_body(failure))
+def error_response(failure: Failure, fields: dict[str, Any] | None = None) -> Response:
+    """Build the JSON response for ``failure``.
+
+    ``fields`` are answered beside the error (``/health`` says what it found).
+    """
+    response = jsonify({**(fields or {}), **error_body(failure)})
     response.status_code = failure.status
     response.headers.update(failure.headers)
     return response
