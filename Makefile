@@ -35,7 +35,7 @@ run: $(STAMP) ## serve on http://$(HOST):$(PORT) (starts the bundled model serve
 	@GUNICORN_BIND=$(HOST):$(PORT) $(PY) scripts/run_gateway.py
 
 local-llm: $(STAMP) ## run the bundled llama.cpp model server on 127.0.0.1:1234 (foreground)
-	@$(PY) -m llm_service.local_backend --port $(or $(LLM_PORT),1234)
+	@$(PY) -m local_backend --port $(or $(LLM_PORT),1234)
 
 run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
@@ -49,11 +49,11 @@ test: $(STAMP) system-packages model-server-install ## every test (unit, integra
 model-server-install: $(STAMP)
 	@case "$$SKIP_REAL_LLM_TESTS" in true|1|yes) exit 0;; esac; \
 	url="$${LLM_SERVICE_LM_STUDIO_URL:-http://$${LLM_SERVICE_LM_STUDIO_HOST:-localhost}:$${LLM_SERVICE_LM_STUDIO_PORT:-1234}}"; \
-	if $(PY) -m llm_service.local_backend --probe "$$url" >/dev/null 2>&1; then \
+	if $(PY) -m local_backend --probe "$$url" >/dev/null 2>&1; then \
 		echo ">> live tests will use the model server at $$url"; \
 	else \
 		echo ">> live tests will use the bundled llama.cpp model server"; \
-		$(PY) -m llm_service.local_backend --install-only; \
+		$(PY) -m local_backend --install-only; \
 	fi
 
 system-packages: ## install the Debian packages the tests need (Chromium, Redis)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .contenders import Target
 from .load import run_wrk, sequential
+from .report import fmt
 from .upstreams import ROOT, StreamServer
 from .wire import SSEStream
 
@@ -104,14 +105,19 @@ SMOKE = Settings(
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Return the ``q``-th percentile (0-100), linear between ranks; None if empty."""
+    """Return the ``q``-th percentile (0-100), linear between ranks; None if empty.
+
+    ``statistics.quantiles``' inclusive method: the data are the population.
+    """
     if not values:
         return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    if len(values) == 1 or q <= 0:
+        return min(values)
+    if q >= 100:
+        return max(values)
+    if q != int(q):
+        raise ValueError(f"percentile {q} is not a whole number")
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def spread(values: Sequence[float | None]) -> dict | None:
@@ -355,7 +361,7 @@ def streaming(
         log(
             f"   streaming run {run + 1}/{settings.runs}: "
             + ", ".join(
-                f"{t.label} delay p99 {_fmt(stats[t.key]['delay_ms_p99'])} ms"
+                f"{t.label} delay p99 {fmt(stats[t.key]['delay_ms_p99'])} ms"
                 for t in chosen
             )
         )
@@ -391,10 +397,6 @@ def streaming(
         entry["batched"] = bool(entry["merged_events"] or entry["held_chunks"])
         out["targets"][target.key] = entry
     return out
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 # -- slow-stream capacity ----------------------------------------------------------
@@ -563,7 +565,7 @@ def capacity(
                 f"{'held' if result['held'] else 'NOT held'} "
                 f"({result['streams_ok']} ok, peak {result['peak_concurrent']} at "
                 f"once, health max "
-                f"{_fmt(result['health_ms_max'])} ms, "
+                f"{fmt(result['health_ms_max'])} ms, "
                 f"RSS {result['rss_total_mib']} MiB)"
             )
             # Let the last level's sockets drain before the next one.
@@ -627,7 +629,7 @@ def memory(
     log(
         f"   memory {label}: {served} requests, workers "
         f"{idle_workers / MIB:.1f} -> {after_workers / MIB:.1f} MiB "
-        f"({_fmt(growth)} %)"
+        f"({fmt(growth)} %)"
     )
     return {
         "label": label,
@@ -735,6 +737,6 @@ def cancellation(
         log(
             f"   cancellation ({out['interval_ms']:g} ms chunks) {target.label}: "
             "gap p50 "
-            f"{_fmt(percentile(gaps, 50))} ms, {not_cancelled} not cancelled"
+            f"{fmt(percentile(gaps, 50))} ms, {not_cancelled} not cancelled"
         )
     return out

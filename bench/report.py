@@ -1,4 +1,9 @@
-"""The run's outputs: targets met or not, the JSON result and the markdown report."""
+"""The run's outputs: targets met or not, the JSON result and the markdown report.
+
+This module computes the data (which targets are met, the rows of each table);
+the report's text, headings and prose are the template
+``bench/templates/report.md.j2`` (Jinja2, a dependency of Flask already).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 #: Gateway targets whose figures the summary judges: (key, label).
 GATEWAY_ROUTES = [
@@ -29,7 +38,8 @@ TARGETS = {
 }
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A figure for people: thousands separated, ``-`` when there is none."""
     if value is None:
         return "-"
     return f"{value:,.{digits}f}"
@@ -40,10 +50,10 @@ def _spread(entry: dict | None, digits: int = 2) -> str:
     if not entry:
         return "-"
     if entry["runs"] == 1:
-        return _fmt(entry["median"], digits)
+        return fmt(entry["median"], digits)
     return (
-        f"{_fmt(entry['median'], digits)} "
-        f"({_fmt(entry['min'], digits)}-{_fmt(entry['max'], digits)})"
+        f"{fmt(entry['median'], digits)} "
+        f"({fmt(entry['min'], digits)}-{fmt(entry['max'], digits)})"
     )
 
 
@@ -63,7 +73,7 @@ def _row(figure, contender, target, measured, met, gap="") -> dict:
 
 
 def _over(value: float, limit: float, unit: str) -> str:
-    return "" if value <= limit else f"{_fmt(value - limit)} {unit} over"
+    return "" if value <= limit else f"{fmt(value - limit)} {unit} over"
 
 
 def evaluate(figures: dict) -> list[dict]:
@@ -183,7 +193,7 @@ def _capacity_rows(figure: dict | None) -> list[dict]:
     if last and not last["held"]:
         measured += (
             f" (at {last['level']:,}: {last['peak_concurrent']:,} at once, "
-            f"liveness max {_fmt(last['health_ms_max'], 0)} ms)"
+            f"liveness max {fmt(last['health_ms_max'], 0)} ms)"
         )
     gap = "" if held >= TARGETS["streams"] else f"{TARGETS['streams'] - held:,} short"
     return [
@@ -200,10 +210,10 @@ def _memory_rows(figure: dict | None) -> list[dict]:
     value = entry["growth_pct"]
     limit = TARGETS["rss_growth_pct"]
     measured = (
-        f"{_fmt(value, 1)} % ({_mib_list(entry['idle_worker_mib'])} → "
+        f"{fmt(value, 1)} % ({_mib_list(entry['idle_worker_mib'])} → "
         f"{_mib_list(entry['after_worker_mib'])} MiB, {entry['requests']:,} requests)"
     )
-    gap = "" if value <= limit else f"{_fmt(value - limit, 1)} points over"
+    gap = "" if value <= limit else f"{fmt(value - limit, 1)} points over"
     return [_row(title, entry["label"], target, measured, value <= limit, gap)]
 
 
@@ -233,13 +243,13 @@ def _cancel_rows(figure: dict | None) -> list[dict]:
                 )
                 continue
             value = entry["gap_ms_max"]
-            measured = f"{_fmt(value, 1)} ms (p50 {_fmt(entry['gap_ms_p50'], 1)} ms)"
+            measured = f"{fmt(value, 1)} ms (p50 {fmt(entry['gap_ms_p50'], 1)} ms)"
             gap = _over(value, limit, "ms")
             rows.append(_row(title, label, target, measured, value <= limit, gap))
     return rows
 
 
-# -- markdown ----------------------------------------------------------------------
+# -- tables ------------------------------------------------------------------------
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -248,27 +258,31 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
+def _summary_rows(rows: list[dict]) -> list[list]:
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    return [
+        [
+            r["figure"],
+            r["contender"],
+            r["target"],
+            r["measured"],
+            verdict[r["met"]],
+            r["gap"],
+        ]
+        for r in rows
+    ]
+
+
+SUMMARY_HEADER = ["figure", "contender", "target", "measured", "met", "gap"]
+
+
 def summary_table(rows: list[dict]) -> list[str]:
     """Return the targets as a markdown table."""
-    verdict = {True: "yes", False: "**no**", None: "n/a"}
-    return _table(
-        ["figure", "contender", "target", "measured", "met", "gap"],
-        [
-            [
-                r["figure"],
-                r["contender"],
-                r["target"],
-                r["measured"],
-                verdict[r["met"]],
-                r["gap"],
-            ]
-            for r in rows
-        ],
-    )
+    return _table(SUMMARY_HEADER, _summary_rows(rows))
 
 
-def headline_table(figures: dict) -> list[str]:
-    """Return one row per non-streaming contender: the figures people ask for."""
+def _headline(figures: dict) -> tuple[list[str], list[list]]:
+    """One row per non-streaming contender: the figures people ask for."""
     latency = figures.get("latency", {}).get("targets", {})
     throughput = figures.get("throughput", {})
     concurrencies = [str(c) for c in throughput.get("concurrencies", [])]
@@ -284,64 +298,51 @@ def headline_table(figures: dict) -> list[str]:
             continue
         row = [
             _label(entry),
-            _fmt(_median(lat.get("added_p50_ms"))),
-            _fmt(_median(lat.get("added_p99_ms"))),
+            fmt(_median(lat.get("added_p50_ms"))),
+            fmt(_median(lat.get("added_p99_ms"))),
         ]
         by_c = thr.get("by_concurrency", {})
-        row += [_fmt(_median(by_c.get(c, {}).get("rps")), 0) for c in concurrencies]
+        row += [fmt(_median(by_c.get(c, {}).get("rps")), 0) for c in concurrencies]
         first = by_c.get(concurrencies[0], {}) if concurrencies else {}
-        row.append(_fmt(_median(first.get("cpu_ms_per_request")), 3))
+        row.append(fmt(_median(first.get("cpu_ms_per_request")), 3))
         rows.append(row)
-    if not rows:
-        return []
     header = ["contender", "added p50 ms", "added p99 ms"]
     header += [f"req/s c={c}" for c in concurrencies]
     header += [f"CPU ms/req c={concurrencies[0]}" if concurrencies else "CPU ms/req"]
-    return _table(header, rows)
+    return header, rows
+
+
+def headline_table(figures: dict) -> list[str]:
+    """Return one row per non-streaming contender: the figures people ask for."""
+    header, rows = _headline(figures)
+    return _table(header, rows) if rows else []
 
 
 def _label(entry: dict) -> str:
     return entry.get("label", "?")
 
 
-def _section_latency(figure: dict) -> list[str]:
-    lines = [
-        "## Sequential latency",
-        "",
-        f"One request at a time, {figure['requests_per_run']:,} per target per run, "
-        "targets interleaved; median of the runs (min-max). *Added* is the "
-        "target's percentile minus the direct call's in the same run.",
-        "",
-    ]
-    rows = []
-    for entry in figure["targets"].values():
-        if not entry.get("available"):
-            rows.append([_label(entry), f"n/a ({entry['reason']})", "", "", "", ""])
-            continue
-        rows.append(
-            [
-                _label(entry),
-                _spread(entry["p50_ms"], 3),
-                _spread(entry["p99_ms"], 3),
-                _spread(entry["added_p50_ms"], 3),
-                _spread(entry["added_p99_ms"], 3),
-                entry["errors"],
-            ]
-        )
-    header = ["contender", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors"]
-    return [*lines, *_table(header, rows), ""]
+def _na(entry: dict, blanks: int) -> list:
+    return [_label(entry), f"n/a ({entry['reason']})", *[""] * blanks]
 
 
-def _section_throughput(figure: dict, ratios: dict) -> list[str]:
-    lines = [
-        "## Throughput",
-        "",
-        f"wrk, {figure['seconds_per_run']:g} s per run, median of the runs (min-max); "
-        "errors are totals over the runs. *Server CPU ms/request*: CPU time "
-        "(user + system) of the server's processes during the run, per request; "
-        "it moves far less than req/s with the machine's other load.",
-        "",
+def _latency_table_rows(figure: dict) -> list[list]:
+    return [
+        [
+            _label(entry),
+            _spread(entry["p50_ms"], 3),
+            _spread(entry["p99_ms"], 3),
+            _spread(entry["added_p50_ms"], 3),
+            _spread(entry["added_p99_ms"], 3),
+            entry["errors"],
+        ]
+        if entry.get("available")
+        else _na(entry, 4)
+        for entry in figure["targets"].values()
     ]
+
+
+def _throughput_table_rows(figure: dict) -> list[list]:
     rows = []
     for entry in figure["targets"].values():
         if not entry.get("available"):
@@ -359,92 +360,42 @@ def _section_throughput(figure: dict, ratios: dict) -> list[str]:
                     _spread(values.get("cpu_ms_per_request"), 3),
                 ]
             )
-    header = [
-        "contender",
-        "c",
-        "req/s",
-        "non-2xx",
-        "socket errors",
-        "wrk p99 ms",
-        "server CPU ms/request",
-    ]
-    lines += [*_table(header, rows), ""]
-    if ratios:
-        lines += ["Ratios of median req/s:", ""]
-        ratio_rows = []
-        for name, by_key in ratios.items():
-            for key, by_c in by_key.items():
-                for c, value in by_c.items():
-                    shown = f"{value:.2f}" if value is not None else "n/a"
-                    ratio_rows.append([f"{key} / {name}", c, shown])
-        lines += [*_table(["ratio", "c", "value"], ratio_rows), ""]
-    return lines
+    return rows
 
 
-def _section_streaming(figure: dict) -> list[str]:
-    lines = [
-        "## Streaming",
-        "",
-        f"{figure['streams_per_run']} streams per target per run, one at a time; "
-        f"upstream sends {figure['chunks']} chunks {figure['interval_ms']:g} ms apart. "
-        "Delay = arrival at the client - the upstream's send time (stamped in the "
-        "chunk). *Held* chunks reached the client only after the upstream had sent "
-        "the next one; *merged* events carried more than one upstream chunk.",
-        "",
+def _ratio_rows(ratios: dict) -> list[list]:
+    return [
+        [f"{key} / {name}", c, f"{value:.2f}" if value is not None else "n/a"]
+        for name, by_key in ratios.items()
+        for key, by_c in by_key.items()
+        for c, value in by_c.items()
     ]
+
+
+def _streaming_table_rows(figure: dict) -> list[list]:
+    return [
+        [
+            _label(entry),
+            _spread(entry["ttfc_ms_p50"]),
+            _spread(entry["added_ttfc_ms_p50"]),
+            _spread(entry["delay_ms_p50"], 3),
+            _spread(entry["delay_ms_p99"], 3),
+            _spread(entry["added_delay_ms_p99"], 3),
+            f"{entry['held_chunks']} / {entry['merged_events']}",
+            entry["missing_chunks"],
+            entry["errors"],
+        ]
+        if entry.get("available")
+        else _na(entry, 7)
+        for entry in figure["targets"].values()
+    ]
+
+
+def _capacity_table_rows(figure: dict) -> list[list]:
     rows = []
     for entry in figure["targets"].values():
         if not entry.get("available"):
-            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 7])
-            continue
-        rows.append(
-            [
-                _label(entry),
-                _spread(entry["ttfc_ms_p50"]),
-                _spread(entry["added_ttfc_ms_p50"]),
-                _spread(entry["delay_ms_p50"], 3),
-                _spread(entry["delay_ms_p99"], 3),
-                _spread(entry["added_delay_ms_p99"], 3),
-                f"{entry['held_chunks']} / {entry['merged_events']}",
-                entry["missing_chunks"],
-                entry["errors"],
-            ]
-        )
-    header = [
-        "contender",
-        "first chunk ms",
-        "added first chunk ms",
-        "delay p50 ms",
-        "delay p99 ms",
-        "added delay p99 ms",
-        "held / merged",
-        "missing",
-        "errors",
-    ]
-    return [*lines, *_table(header, rows), ""]
-
-
-def _section_capacity(figure: dict) -> list[str]:
-    lines = [
-        "## Slow-stream capacity",
-        "",
-        f"Streams of {figure['chunks']} chunks {figure['interval_s']:g} s apart, "
-        "opened 500 per second. A level is *held* when every stream gets its "
-        f"first chunk within {figure['first_chunk_limit_s']:g} s of asking (later "
-        "means it queued behind another stream) and all its chunks without "
-        "error, and the liveness probes (one every 0.25 s, from a separate "
-        f"process) answer 200 within {figure['health_limit_ms']:g} ms, all but one "
-        "in twenty at most (the shared machine stalls now and then; the max is "
-        "shown). Levels stop at the first one not held. *Peak at once*: the most "
-        "streams delivering chunks at the same moment. RSS and threads: the "
-        "server's whole process tree, peak during the level; CPU cores: its CPU "
-        "time over the level's wall time.",
-        "",
-    ]
-    rows = []
-    for entry in figure["targets"].values():
-        if not entry.get("available"):
-            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 8])
+            rows.append(_na(entry, 8))
             continue
         for level in entry["by_level"]:
             rows.append(
@@ -454,206 +405,207 @@ def _section_capacity(figure: dict) -> list[str]:
                     "yes" if level["held"] else "**no**",
                     f"{level['streams_ok']:,}",
                     f"{level['peak_concurrent']:,}",
-                    _fmt(level["first_chunk_wait_s_max"]),
-                    f"{_fmt(level['health_ms_p50'], 1)} / "
-                    f"{_fmt(level.get('health_ms_p95'), 1)} / "
-                    f"{_fmt(level['health_ms_max'], 1)} "
+                    fmt(level["first_chunk_wait_s_max"]),
+                    f"{fmt(level['health_ms_p50'], 1)} / "
+                    f"{fmt(level.get('health_ms_p95'), 1)} / "
+                    f"{fmt(level['health_ms_max'], 1)} "
                     f"({level['health_over_limit_or_failed']} over)",
-                    _fmt(level["rss_total_mib"], 1),
+                    fmt(level["rss_total_mib"], 1),
                     level["threads_peak"] or "-",
-                    _fmt(level.get("cpu_cores")),
+                    fmt(level.get("cpu_cores")),
                 ]
             )
-    header = [
-        "contender",
-        "streams",
-        "held",
-        "streams ok",
-        "peak at once",
-        "first chunk wait max s",
-        "liveness p50 / p95 / max ms",
-        "RSS MiB",
-        "threads",
-        "CPU cores",
-    ]
-    return [*lines, *_table(header, rows), ""]
+    return rows
 
 
-def _section_memory(figure: dict) -> list[str]:
-    lines = [
-        "## Memory",
-        "",
-        "RSS of each gunicorn worker of a freshly started gateway: cold (no "
-        "request yet), idle after a warm-up (1 s of wrk per route), and after "
-        "the requests (wrk slices alternating between the routes); growth is "
-        "from idle to after.",
-        "",
-    ]
-    rows = []
-    for entry in figure.values():
-        if not entry.get("available"):
-            rows.append([_label(entry), f"n/a ({entry['reason']})", *[""] * 5])
-            continue
-        rows.append(
-            [
-                _label(entry),
-                f"{entry['requests']:,} ({entry['errors']} errors)",
-                _mib_list(entry["cold_worker_mib"]),
-                _mib_list(entry["idle_worker_mib"]),
-                _mib_list(entry["after_worker_mib"]),
-                _fmt(entry["growth_pct"], 1),
-                f"{entry.get('threads_idle')} → {entry.get('threads_after')}",
-            ]
-        )
-    header = [
-        "contender",
-        "requests",
-        "cold MiB",
-        "idle MiB",
-        "after MiB",
-        "growth %",
-        "threads idle → after",
-    ]
-    return [*lines, *_table(header, rows), ""]
-
-
-def _section_cancellation(figure: dict) -> list[str]:
-    lines = [
-        f"## Cancellation ({figure['interval_ms']:g} ms between chunks)",
-        "",
-        f"The client closes its socket after {figure['after_chunks']} chunk(s); the "
-        "gap is from that moment to the upstream seeing its connection closed "
-        f"(upstream chunk interval {figure['interval_ms']:g} ms). *Not cancelled*: "
-        "the upstream streamed to its end.",
-        "",
-    ]
-    rows = []
-    for entry in figure["targets"].values():
-        if not entry.get("available"):
-            rows.append([_label(entry), f"n/a ({entry['reason']})", "", "", ""])
-            continue
-        rows.append(
-            [
-                _label(entry),
-                _fmt(entry["gap_ms_p50"], 1),
-                _fmt(entry["gap_ms_max"], 1),
-                f"{entry['cancelled']} / {entry['not_cancelled']}",
-                entry["errors"],
-            ]
-        )
-    header = ["contender", "gap p50 ms", "gap max ms", "cancelled / not", "errors"]
-    return [*lines, *_table(header, rows), ""]
-
-
-def _section_profile(profiles: dict) -> list[str]:
-    lines = [
-        "## Profile: where the gateway's time goes",
-        "",
-        "py-spy sampling the gateway's worker at 200 Hz under wrk load (16 "
-        "connections), only the thread holding the GIL: where the one core a "
-        "worker can use goes. *By component*: the package of the innermost frame "
-        "(adds up to 100 %). *By step*: inclusive share of the samples inside "
-        "that step.",
-        "",
-    ]
-    for key, profile in profiles.items():
-        if not profile.get("available"):
-            lines += [f"- {key}: n/a ({profile.get('reason')})", ""]
-            continue
-        lines += [
-            f"### {profile['target']} ({profile['samples']:,} samples, "
-            f"{profile['rps_while_sampled']:,} req/s while sampled, raw stacks in "
-            f"`{profile['raw_file']}`)",
-            "",
+def _memory_table_rows(figure: dict) -> list[list]:
+    return [
+        [
+            _label(entry),
+            f"{entry['requests']:,} ({entry['errors']} errors)",
+            _mib_list(entry["cold_worker_mib"]),
+            _mib_list(entry["idle_worker_mib"]),
+            _mib_list(entry["after_worker_mib"]),
+            fmt(entry["growth_pct"], 1),
+            f"{entry.get('threads_idle')} → {entry.get('threads_after')}",
         ]
-        lines += _table(
-            ["component (self)", "%"], [[n, v] for n, v in profile["by_component_pct"]]
-        )
-        lines += [""]
-        lines += _table(
-            ["gateway step (inclusive)", "%"],
-            [[n, v] for n, v in profile["by_step_inclusive_pct"]],
-        )
-        lines += [""]
-        lines += _table(
-            ["function (self)", "%"],
-            [[f"`{n}`", v] for n, v in profile["top_functions_self_pct"]],
-        )
-        lines += [""]
-    return lines
+        if entry.get("available")
+        else _na(entry, 5)
+        for entry in figure.values()
+    ]
+
+
+def _cancellation_table_rows(figure: dict) -> list[list]:
+    return [
+        [
+            _label(entry),
+            fmt(entry["gap_ms_p50"], 1),
+            fmt(entry["gap_ms_max"], 1),
+            f"{entry['cancelled']} / {entry['not_cancelled']}",
+            entry["errors"],
+        ]
+        if entry.get("available")
+        else [_label(entry), f"n/a ({entry['reason']})", "", "", ""]
+        for entry in figure["targets"].values()
+    ]
+
+
+def _profile_tables(profile: dict) -> list[dict]:
+    return [
+        {
+            "header": ["component (self)", "%"],
+            "rows": [[n, v] for n, v in profile["by_component_pct"]],
+        },
+        {
+            "header": ["gateway step (inclusive)", "%"],
+            "rows": [[n, v] for n, v in profile["by_step_inclusive_pct"]],
+        },
+        {
+            "header": ["function (self)", "%"],
+            "rows": [[f"`{n}`", v] for n, v in profile["top_functions_self_pct"]],
+        },
+    ]
+
+
+# -- markdown ----------------------------------------------------------------------
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["thousands"] = lambda value: f"{value:,}"
+    env.filters["g"] = lambda value: f"{value:g}"
+    env.filters["table"] = lambda t: "\n".join(_table(t["header"], t["rows"]))
+    return env
 
 
 def markdown(result: dict) -> str:
-    """Render the whole result as the markdown report."""
-    machine = result["machine"]
-    versions = result["versions"]
-    settings = result["settings"]
-    lines = [
-        f"# llm-service benchmark ({result['mode']})",
-        "",
-        f"Started {result['started_at']}, took {result['duration_s']:.0f} s.",
-        "",
-        f"**Machine**: {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['memory_gib']} GiB, {machine['os']}, kernel {machine['kernel']}, "
-        f"load average at start {machine['load_average_at_start']}. Shared and noisy: "
-        "compare figures of one run with each other, not across machines.",
-        "",
-        "**Versions**: "
-        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None),
-        "",
-        "**Settings**: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
-        "",
-        "## Targets",
-        "",
-        *summary_table(result["targets"]),
-        "",
-    ]
-    headline = headline_table(result["figures"])
-    if headline:
-        lines += [
-            "## At a glance",
-            "",
-            "Medians of the runs; details below.",
-            "",
-            *headline,
-            "",
-        ]
-    contenders = result.get("contenders", {})
-    if contenders:
-        lines += ["## Contenders", ""]
-        lines += _table(
-            ["contender", "status"],
-            [
-                [c["label"], "ok" if c["available"] else f"n/a ({c['reason']})"]
-                for c in contenders.values()
-            ],
-        )
-        lines += [""]
+    """Render the whole result as the markdown report (``report.md.j2``)."""
     figures = result["figures"]
+    headline_header, headline_rows = _headline(figures)
+    tables: dict[str, dict] = {}
     if "latency" in figures:
-        lines += _section_latency(figures["latency"])
+        tables["latency"] = {
+            "header": [
+                "contender",
+                "p50 ms",
+                "p99 ms",
+                "added p50 ms",
+                "added p99 ms",
+                "errors",
+            ],
+            "rows": _latency_table_rows(figures["latency"]),
+        }
     if "throughput" in figures:
-        lines += _section_throughput(figures["throughput"], result.get("ratios", {}))
+        tables["throughput"] = {
+            "header": [
+                "contender",
+                "c",
+                "req/s",
+                "non-2xx",
+                "socket errors",
+                "wrk p99 ms",
+                "server CPU ms/request",
+            ],
+            "rows": _throughput_table_rows(figures["throughput"]),
+        }
+        if result.get("ratios"):
+            tables["ratios"] = {
+                "header": ["ratio", "c", "value"],
+                "rows": _ratio_rows(result["ratios"]),
+            }
     if "streaming" in figures:
-        lines += _section_streaming(figures["streaming"])
+        tables["streaming"] = {
+            "header": [
+                "contender",
+                "first chunk ms",
+                "added first chunk ms",
+                "delay p50 ms",
+                "delay p99 ms",
+                "added delay p99 ms",
+                "held / merged",
+                "missing",
+                "errors",
+            ],
+            "rows": _streaming_table_rows(figures["streaming"]),
+        }
     if "capacity" in figures:
-        lines += _section_capacity(figures["capacity"])
+        tables["capacity"] = {
+            "header": [
+                "contender",
+                "streams",
+                "held",
+                "streams ok",
+                "peak at once",
+                "first chunk wait max s",
+                "liveness p50 / p95 / max ms",
+                "RSS MiB",
+                "threads",
+                "CPU cores",
+            ],
+            "rows": _capacity_table_rows(figures["capacity"]),
+        }
     if "memory" in figures:
-        lines += _section_memory(figures["memory"])
-    for part in figures.get("cancellation", {}).values():
-        lines += _section_cancellation(part)
-    if result.get("profiles"):
-        lines += _section_profile(result["profiles"])
-    if result.get("notes"):
-        lines += ["## Notes", "", *[f"- {note}" for note in result["notes"]], ""]
-    if result.get("errors"):
-        lines += [
-            "## Harness errors",
-            "",
-            *[f"- {error}" for error in result["errors"]],
-            "",
-        ]
-    return "\n".join(lines)
+        tables["memory"] = {
+            "header": [
+                "contender",
+                "requests",
+                "cold MiB",
+                "idle MiB",
+                "after MiB",
+                "growth %",
+                "threads idle → after",
+            ],
+            "rows": _memory_table_rows(figures["memory"]),
+        }
+    cancellations = [
+        (
+            part,
+            {
+                "header": [
+                    "contender",
+                    "gap p50 ms",
+                    "gap max ms",
+                    "cancelled / not",
+                    "errors",
+                ],
+                "rows": _cancellation_table_rows(part),
+            },
+        )
+        for part in figures.get("cancellation", {}).values()
+    ]
+    profiles = [
+        (key, profile, _profile_tables(profile) if profile.get("available") else [])
+        for key, profile in (result.get("profiles") or {}).items()
+    ]
+    contenders = [
+        [c["label"], "ok" if c["available"] else f"n/a ({c['reason']})"]
+        for c in result.get("contenders", {}).values()
+    ]
+    text = (
+        _environment()
+        .get_template("report.md.j2")
+        .render(
+            result=result,
+            figures=figures,
+            summary={
+                "header": SUMMARY_HEADER,
+                "rows": _summary_rows(result["targets"]),
+            },
+            headline={"header": headline_header, "rows": headline_rows},
+            contenders={"header": ["contender", "status"], "rows": contenders},
+            tables=tables,
+            cancellations=cancellations,
+            profiles=profiles,
+        )
+    )
+    return text.rstrip("\n") + "\n"
 
 
 def write(result: dict, out_dir: Path, stamp: str, log: Callable[[str], None]) -> Path:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flask import Flask
+from flask import Flask
 
 __version__ = "0.1.0"
 
@@ -18,11 +17,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ``LLM_SERVICE_*`` environment, then ``test_config``; they are checked once
     here and a bad one raises :class:`~llm_service.config.ConfigError`.
     """
-    # Imported here so `python -m llm_service.local_backend` (standard library
-    # only) runs in any Python, before the service's dependencies exist.
-    from flask import Flask
-
-    from . import config, errors, limits, logs, pipeline, upstream
+    from . import config, errors, limits, logs, pipeline, upstreams
 
     app = Flask(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
@@ -33,7 +28,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     limits.init_app(app)
     pipeline.init_app(app)
     errors.init_app(app)
-    upstream.init_app(app)
+    upstreams.init_app(app)
 
     from . import cli, health, message, openai_api, openapi
 

@@ -12,15 +12,10 @@ from flask import Flask
 from flask.cli import AppGroup
 
 from .config import redact_url
-from .lmstudio import (
-    CAUSES,
-    HealthReport,
-    LMStudioError,
-    cause_of,
-    describe,
-)
+from .lmstudio.diagnosis import CAUSES, cause_of, explain
+from .lmstudio.errors import LMStudioError
 from .logs import ROOT_LOGGER
-from .upstream import get_upstream
+from .upstreams import HealthReport, get_upstream
 
 lmstudio = AppGroup("lmstudio", help="Check the connection to LM Studio.")
 
@@ -48,7 +43,7 @@ def _advice(report: HealthReport) -> str:
 def ping() -> None:
     """Probe the upstream once: URL, latency and model count."""
     with _quiet_logs():
-        report = get_upstream().client.probe()
+        report = get_upstream().probe()
     url = redact_url(report.url)
     if not report.reachable:
         click.echo(f"FAIL {url}: {report.error}", err=True)
@@ -101,12 +96,12 @@ def check(generate: bool) -> None:
 
 
 def _diagnose(generate: bool) -> _Steps:
-    client = get_upstream().client
+    upstream = get_upstream()
     steps = _Steps()
-    url = redact_url(client.base_url)
+    url = redact_url(upstream.base_url)
 
     started = time.perf_counter()
-    report = client.probe()
+    report = upstream.probe()
     elapsed_ms = (time.perf_counter() - started) * 1000
     if not report.reachable:
         cause = report.cause or "unreachable"
@@ -121,9 +116,7 @@ def _diagnose(generate: bool) -> _Steps:
     steps.ok("connect", f"{url} answered /v1/models in {elapsed_ms:.1f} ms")
     steps.ok(
         "auth",
-        "accepted"
-        if client.session.headers.get("Authorization")
-        else "no token needed",
+        "accepted" if upstream.sends_token else "no token needed",
     )
 
     if report.chained:
@@ -147,7 +140,7 @@ def _diagnose(generate: bool) -> _Steps:
     if generate and models:
         model = (report.servable_models or models)[0]
         try:
-            result = client.chat_completion(
+            result = upstream.chat_completion(
                 {
                     "model": model,
                     "messages": [{"role": "user", "content": "Say OK."}],
@@ -156,7 +149,7 @@ def _diagnose(generate: bool) -> _Steps:
                 }
             )
         except LMStudioError as err:
-            steps.fail("generate", describe(err), cause_of(err).advice)
+            steps.fail("generate", explain(err), cause_of(err).advice)
         else:
             steps.ok("generate", f"{result.model} answered ({result.finish_reason})")
     return steps

@@ -22,8 +22,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 ENV_PREFIX = "LLM_SERVICE"
 #: Variables with the prefix that are read outside :data:`SETTINGS`: the file
-#: ``wsgi.py`` loads, and the bundled model server's cache directory.
-OTHER_VARIABLES = ("ENV_FILE", "LOCAL_CACHE_DIR")
+#: ``wsgi.py`` loads, and the bundled model server's own settings
+#: (``local_backend/settings.py``, a dev tool the service does not import).
+OTHER_VARIABLES = ("ENV_FILE", "LOCAL_BACKEND", "LOCAL_CACHE_DIR")
 
 
 class ConfigError(ValueError):
@@ -460,13 +461,6 @@ SETTINGS: tuple[Setting, ...] = (
         _host_list,
         'Accepted `Host` header values as a JSON list (`["api.example.com"]`); '
         "any by default. Others get 400. Compared case-insensitively.",
-    ),
-    Setting(
-        "LOCAL_BACKEND",
-        "auto",
-        _choice("auto", "off"),
-        "`make run` only: start the bundled llama.cpp model server when nothing "
-        "answers at a loopback upstream URL (`auto`), or never (`off`).",
     ),
     Setting(
         "CLIENT_HEADER_TIMEOUT",

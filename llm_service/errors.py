@@ -3,7 +3,9 @@
 ``{"error": {"code", "message", "details"?}, "correlation_id"}``, or on the
 OpenAI-compatible ``/v1`` routes OpenAI's ``{"error": {"message", "type",
 "param", "code"}, "correlation_id"}`` so SDK clients raise the right exception.
-This is the only module that knows both the client's exceptions and HTTP.
+This is the only module that knows both the client's exceptions and HTTP. It
+maps and changes no state: what an error means for the upstream (a health
+cache to drop...) is the door's business (:mod:`.upstreams`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .lifecycle import ShuttingDownError
-from .lmstudio import (
+from .lmstudio.diagnosis import cause_of
+from .lmstudio.errors import (
     LMStudioAuthError,
     LMStudioBusyError,
     LMStudioCancelledError,
@@ -35,10 +38,8 @@ from .lmstudio import (
     LMStudioTimeoutError,
     ModelNotFoundError,
     NoModelLoadedError,
-    cause_of,
 )
 from .pipeline import correlation_id
-from .upstream import get_upstream
 
 log = logging.getLogger("llm_service.errors")
 
@@ -338,9 +339,12 @@ def error_body(failure: Failure) -> dict[str, Any]:
     return {"error": error, "correlation_id": correlation_id()}
 
 
-def error_response(failure: Failure) -> Response:
-    """Build the JSON response for ``failure``."""
-    response = jsonify(error_body(failure))
+def error_response(failure: Failure, fields: dict[str, Any] | None = None) -> Response:
+    """Build the JSON response for ``failure``.
+
+    ``fields`` are answered beside the error (``/health`` says what it found).
+    """
+    response = jsonify({**(fields or {}), **error_body(failure)})
     response.status_code = failure.status
     response.headers.update(failure.headers)
     return response
@@ -399,7 +403,6 @@ def _upstream_status(error: LMStudioError) -> Failure:
     if isinstance(error, ModelNotFoundError):
         return Failure(404, "model_not_found", error.message)
     if isinstance(error, NoModelLoadedError):
-        get_upstream().forget_health()
         return Failure(
             503,
             "no_model_loaded",

@@ -8,13 +8,12 @@ from flask import Blueprint, Response, current_app, jsonify, url_for
 
 from . import __version__
 from .config import redact_url
-from .errors import UNAVAILABLE_RETRY_AFTER
+from .errors import UNAVAILABLE_RETRY_AFTER, Failure, error_response
 from .limits import storage_state
-from .lmstudio import HealthReport
 from .openapi import documented
 from .pipeline import correlation_id
 from .schemas import HealthSchema, IndexSchema, LiveSchema, ReadySchema
-from .upstream import get_upstream
+from .upstreams import HealthReport, get_upstream
 
 bp = Blueprint("health", __name__)
 
@@ -68,16 +67,17 @@ def _unreachable(report: HealthReport) -> str:
 def _answer(
     body: dict, healthy: bool, code: str, reason: str | None, cause: str | None
 ) -> Response:
-    body["correlation_id"] = correlation_id()
+    """200 with ``body``, or the error contract's 503 with ``body`` beside it."""
     if healthy:
-        return jsonify(body)
-    body["error"] = {"code": code, "message": reason}
-    if cause:
-        body["error"]["details"] = {"cause": cause}
-    response = jsonify(body)
-    response.status_code = 503
-    response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
-    return response
+        return jsonify({**body, "correlation_id": correlation_id()})
+    failure = Failure(
+        503,
+        code,
+        reason or "",
+        details={"cause": cause} if cause else None,
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
+    )
+    return error_response(failure, body)
 
 
 @bp.get("/")

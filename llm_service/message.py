@@ -5,25 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
-from .lmstudio import (
-    NoModelLoadedError,
-    SSEEvent,
-    Usage,
-    read_chat_chunk,
-)
+from .lmstudio.chunks import Usage, read_chat_chunk
+from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, documented
 from .pipeline import correlation_id
 from .schemas import MessageRequestSchema, MessageResponseSchema, load_json_body
-from .streaming import (
-    event_stream_response,
-    hangup_cancels,
-    open_upstream_stream,
-    relay,
-    sse,
-)
-from .upstream import get_upstream
+from .streaming import event_stream_response, relay, sse
+from .upstreams import get_upstream
 
 bp = Blueprint("message", __name__, url_prefix="/llm")
 
@@ -31,38 +21,11 @@ request_schema = MessageRequestSchema()
 response_schema = MessageResponseSchema()
 
 
-def resolve_model(requested: str | None) -> str:
-    """Return the model to ask for: the request's, the configured, or a loaded one."""
-    if requested:
-        return requested
-    if current_app.config["DEFAULT_MODEL"]:
-        return current_app.config["DEFAULT_MODEL"]
-    upstream = get_upstream()
-    models = upstream.servable_models()
-    if models:
-        return models[0]
-    if not upstream.health().reachable:
-        # Ask the way a request naming a model would (with its retries), so a
-        # bad token, a wrong path or a web server fail with their own codes.
-        models = upstream.client.list_models(correlation_id=correlation_id())
-        if models:
-            return models[0]
-    raise NoModelLoadedError("The upstream lists no model that can answer.")
-
-
 def chat_payload(data: dict[str, Any]) -> dict[str, Any]:
     """Turn a validated request into the upstream's chat completion body."""
-    payload = dict(data)
-    payload["model"] = resolve_model(data.get("model"))
-    payload.setdefault("max_tokens", current_app.config["DEFAULT_MAX_TOKENS"])
+    payload = get_upstream().request_defaults(data)
     payload["stream"] = False
     return payload
-
-
-def answering_model(reported: str) -> str:
-    """The model that answered, rather than an echo of the requested name."""
-    sole = get_upstream().sole_model()
-    return sole if sole is not None and reported != sole else reported
 
 
 def answer(
@@ -76,7 +39,7 @@ def answer(
     return response_schema.dump(
         {
             "response": text,
-            "model": answering_model(model),
+            "model": get_upstream().answering_model(model),
             "tokens_used": usage.total if usage else None,
             "processing_time": round(time.perf_counter() - started, 4),
             "correlation_id": correlation_id(),
@@ -102,10 +65,7 @@ def send_message():
     payload = chat_payload(data)
     if streamed:
         return stream_message(payload, started)
-    with hangup_cancels() as scope:
-        result = get_upstream().client.chat_completion(
-            payload, correlation_id=correlation_id(), scope=scope
-        )
+    result = get_upstream().chat_completion(payload)
     return answer(
         result.text, result.model, result.finish_reason, result.usage, started
     )
@@ -145,7 +105,7 @@ class MessageStream:
 def stream_message(payload: dict[str, Any], started: float) -> Response:
     """Answer with ``text/event-stream``: ``delta`` events, then ``done``."""
     payload = {**payload, "stream_options": {"include_usage": True}}
-    upstream = open_upstream_stream("/v1/chat/completions", payload)
+    upstream = get_upstream().open_stream("/v1/chat/completions", payload)
     rendering = MessageStream(payload["model"], started)
     return event_stream_response(
         relay(

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
-from .message import resolve_model
+from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
-from .pipeline import correlation_id
 from .schemas import (
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
@@ -21,14 +20,8 @@ from .schemas import (
     OpenAIErrorResponseSchema,
     load_json_body,
 )
-from .streaming import (
-    event_stream_response,
-    hangup_cancels,
-    open_upstream_stream,
-    relay,
-    sse,
-)
-from .upstream import get_upstream
+from .streaming import event_stream_response, relay, sse
+from .upstreams import get_upstream
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -47,23 +40,15 @@ def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if value is not None}
 
 
-def _generation_payload(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the model and a bounded ``max_tokens``; drop nulls the SDK sends."""
-    payload = _without_nulls(data)
-    payload["model"] = resolve_model(payload.get("model"))
-    if "max_tokens" not in payload and "max_completion_tokens" not in payload:
-        payload["max_tokens"] = current_app.config["DEFAULT_MAX_TOKENS"]
-    return payload
-
-
 def _relay_or_answer(path: str, payload: dict[str, Any]):
     if payload.get("stream"):
-        upstream = open_upstream_stream(path, payload)
+        upstream = get_upstream().open_stream(path, payload)
         return event_stream_response(
             relay(
                 upstream,
-                # The upstream's own bytes go out as they are: no re-encoding.
-                lambda event: b"data: " + event.data.encode() + b"\n\n",
+                # The upstream's events go out as they came (names, ids and
+                # multi-line data kept), their data never re-encoded.
+                SSEEvent.encode,
                 lambda: DONE,
                 sse,
             )
@@ -73,10 +58,7 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
 
 def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Relay a non-streamed call; the upstream's object is answered as it is."""
-    with hangup_cancels() as scope:
-        return get_upstream().client.post_json(
-            path, payload, correlation_id=correlation_id(), scope=scope
-        )
+    return get_upstream().post_json(path, payload)
 
 
 @bp.get("/models")
@@ -87,10 +69,7 @@ def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
 )
 def list_models():
     """List the upstream's models (OpenAI ``list`` object)."""
-    with hangup_cancels() as scope:
-        return get_upstream().client.get_json(
-            "/v1/models", correlation_id=correlation_id(), scope=scope
-        )
+    return get_upstream().get_json("/v1/models")
 
 
 @bp.post("/chat/completions")
@@ -102,7 +81,7 @@ def list_models():
 )
 def chat_completions():
     """Create a chat completion; ``"stream": true`` relays server-sent events."""
-    payload = _generation_payload(load_json_body(chat_schema))
+    payload = get_upstream().request_defaults(load_json_body(chat_schema))
     return _relay_or_answer("/v1/chat/completions", payload)
 
 
@@ -115,7 +94,7 @@ def chat_completions():
 )
 def completions():
     """Create a text completion; ``"stream": true`` relays server-sent events."""
-    payload = _generation_payload(load_json_body(completion_schema))
+    payload = get_upstream().request_defaults(load_json_body(completion_schema))
     return _relay_or_answer("/v1/completions", payload)
 
 

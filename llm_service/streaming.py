@@ -3,7 +3,9 @@
 Each event leaves as soon as it arrives (gunicorn writes every yielded chunk).
 When the client goes away the upstream stream is closed at once (a watcher
 thread sees the hang-up), which makes LM Studio and llama.cpp stop generating;
-the same watcher cancels non-streamed upstream calls (:func:`hangup_cancels`).
+the same watcher cancels non-streamed upstream calls
+(:func:`~llm_service.upstreams.hangup_scope`). Streams are opened by the door
+(:meth:`~llm_service.upstreams.Upstream.open_stream`); this module only relays.
 A failure after the first byte cannot become an HTTP status any more, so it
 ends the stream with an error event in the route's error shape, and never with
 the success marker.
@@ -22,9 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import select
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -33,9 +32,9 @@ from flask import Response, current_app, request, stream_with_context
 
 from .errors import describe_failure, error_body, log_failure
 from .lifecycle import ShuttingDownError, drain
-from .lmstudio import CallScope, SSEEvent, UpstreamStream
-from .pipeline import correlation_id
-from .upstream import get_upstream
+from .lmstudio.sse import SSEEvent
+from .lmstudio.stream import UpstreamStream
+from .upstreams import disconnects
 
 log = logging.getLogger("llm_service.streaming")
 
@@ -57,38 +56,6 @@ def sse(data: Any, event: str | None = None) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     prefix = f"event: {event}\n" if event else ""
     return f"{prefix}data: {text}\n\n".encode()
-
-
-@contextlib.contextmanager
-def hangup_cancels() -> Iterator[CallScope]:
-    """Give an upstream call a scope that is cancelled if this client hangs up.
-
-    The upstream then sees its connection close and stops generating, instead
-    of finishing an answer nobody will read while the next request waits.
-    """
-    scope = CallScope()
-    stop_watching = disconnects.watch(
-        request.environ.get("gunicorn.socket"), scope.cancel
-    )
-    try:
-        yield scope
-    finally:
-        stop_watching()
-
-
-def open_upstream_stream(path: str, payload: dict[str, Any]) -> UpstreamStream:
-    """Start the upstream stream with the app's stream limits (retried until open)."""
-    config = current_app.config
-    with hangup_cancels() as scope:
-        return get_upstream().client.open_stream(
-            path,
-            payload,
-            correlation_id=correlation_id(),
-            first_token_timeout=config["STREAM_FIRST_TOKEN_TIMEOUT"],
-            idle_timeout=config["STREAM_IDLE_TIMEOUT"],
-            total_timeout=config["STREAM_TOTAL_TIMEOUT"],
-            scope=scope,
-        )
 
 
 def event_stream_response(body: Iterable[bytes]) -> Response:
@@ -158,72 +125,3 @@ def relay(
     finally:
         stop_watching()
         upstream.close()
-
-
-class DisconnectWatcher:
-    """Notices, for the whole process, clients that hang up during a call.
-
-    One thread waits in ``epoll`` for hang-ups (``EPOLLRDHUP``) on the sockets
-    of every open stream and calls that stream's callback at once, so the
-    upstream stops generating within milliseconds, not at the next chunk. A
-    stream's own thread is busy waiting for the upstream and cannot watch.
-    """
-
-    EVENTS = (
-        getattr(select, "EPOLLRDHUP", 0)
-        | getattr(select, "EPOLLHUP", 0)
-        | getattr(select, "EPOLLERR", 0)
-    )
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._callbacks: dict[int, Callable[[], None]] = {}
-        self._epoll: Any = None
-
-    def watch(
-        self, sock: socket.socket | None, on_disconnect: Callable[[], None]
-    ) -> Callable[[], None]:
-        """Call ``on_disconnect`` when ``sock``'s peer hangs up; return an undo.
-
-        Without a socket (not under gunicorn) or without epoll (not Linux),
-        nothing is watched: the hang-up then shows when a write fails.
-        """
-        if sock is None or not hasattr(select, "epoll"):
-            return lambda: None
-        fd = sock.fileno()
-        with self._lock:
-            if self._epoll is None:
-                # Created in the worker on first use: an epoll made before
-                # gunicorn forks would be shared by every worker.
-                self._epoll = select.epoll()
-                threading.Thread(
-                    target=self._run, name="disconnect-watcher", daemon=True
-                ).start()
-            self._callbacks[fd] = on_disconnect
-            self._epoll.register(fd, self.EVENTS)
-
-        def stop() -> None:
-            with self._lock:
-                if self._callbacks.pop(fd, None) is not None:
-                    with contextlib.suppress(OSError):
-                        self._epoll.unregister(fd)
-
-        return stop
-
-    def _run(self) -> None:
-        while True:
-            for fd, _events in self._epoll.poll():
-                with self._lock:
-                    callback = self._callbacks.pop(fd, None)
-                    if callback is not None:
-                        with contextlib.suppress(OSError):
-                            self._epoll.unregister(fd)
-                if callback is not None:
-                    try:
-                        callback()
-                    except Exception:  # a watcher must outlive any one stream
-                        log.exception("cancelling a stream failed")
-
-
-#: The process's watcher (gunicorn workers are processes: one each).
-disconnects = DisconnectWatcher()

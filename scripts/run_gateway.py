@@ -26,12 +26,12 @@ from dotenv import load_dotenv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import local_backend as backend  # noqa: E402
 from llm_service import create_app  # noqa: E402
-from llm_service import local_backend as backend  # noqa: E402
 from llm_service.config import ConfigError, check_not_self, redact_url  # noqa: E402
-from llm_service.lmstudio import CAUSES, HealthReport  # noqa: E402
+from llm_service.lmstudio.diagnosis import CAUSES  # noqa: E402
 from llm_service.logs import ROOT_LOGGER  # noqa: E402
-from llm_service.upstream import EXTENSION  # noqa: E402
+from llm_service.upstreams import HealthReport, get_upstream  # noqa: E402
 
 EXIT_CONFIG = 3
 EXIT_BACKEND = 4
@@ -114,7 +114,8 @@ def main() -> int:
         app = create_app()
         config = app.config
         check_not_self(config["LM_STUDIO_BASE_URL"], bind)
-    except ConfigError as err:
+        start_bundled = backend.LOCAL_BACKEND.read()
+    except (ConfigError, backend.SettingError) as err:
         fail(f"configuration error: {err}")
         return EXIT_CONFIG
     busy = busy_port_message(bind)
@@ -126,7 +127,8 @@ def main() -> int:
     shown = redact_url(url)
     # The probe's own retries and warnings are not news here: its verdict is.
     logging.getLogger(ROOT_LOGGER).setLevel(logging.CRITICAL + 1)
-    report = app.extensions[EXTENSION].client.probe()
+    with app.app_context():
+        report = get_upstream().probe()
     server = None
     bundled = False
     if report.reachable:
@@ -137,7 +139,7 @@ def main() -> int:
     elif report.cause != "refused":
         say(describe_upstream(report))
         say("the gateway starts anyway; /health says what is wrong until it is fixed")
-    elif config["LOCAL_BACKEND"] == "off":
+    elif start_bundled == "off":
         say(
             f"nothing listens at {shown} and LLM_SERVICE_LOCAL_BACKEND=off: "
             "/llm/message answers 503 until something does"

@@ -1,13 +1,15 @@
 """Write the settings and error tables into README.md, and ``.env.example``.
 
     python scripts/settings_doc.py --write   # update README.md and .env.example
-    python scripts/settings_doc.py table     # print the settings table
+    python scripts/settings_doc.py table     # print the service's settings table
+    python scripts/settings_doc.py local     # print the bundled server's table
     python scripts/settings_doc.py env       # print .env.example
     python scripts/settings_doc.py errors    # print the two error tables
 
-The settings come from ``llm_service.config.SETTINGS``, the one list of settings;
-the error tables from ``llm_service.errors.ERROR_CODES``, the one registry of
-error codes.
+The service's settings table comes from ``llm_service.config.SETTINGS``, the
+one list of the gateway's settings; the bundled model server's (a dev tool) from
+``local_backend.settings.SETTINGS``, in its own table beside it; the error tables
+from ``llm_service.errors.ERROR_CODES``, the one registry of error codes.
 """
 
 import json
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_service.config import SETTINGS
 from llm_service.errors import ERROR_CODES
+from local_backend.settings import SETTINGS as LOCAL_SETTINGS
 
 
 def _shown(value):
@@ -32,9 +35,9 @@ def _shown(value):
     return str(value)
 
 
-def table() -> str:
+def table(settings=SETTINGS) -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for setting in SETTINGS:
+    for setting in settings:
         default = _shown(setting.default)
         rows.append(
             f"| `{setting.env_var}` | {f'`{default}`' if default else 'none'} "
@@ -50,6 +53,11 @@ def env() -> str:
         "",
     ]
     for setting in SETTINGS:
+        lines.append(f"# {setting.help.replace('`', '')}")
+        lines.append(f"# {setting.env_var}={_shown(setting.default)}")
+        lines.append("")
+    lines += ["# The bundled model server (make run, make local-llm): a dev tool.", ""]
+    for setting in LOCAL_SETTINGS:
         lines.append(f"# {setting.help.replace('`', '')}")
         lines.append(f"# {setting.env_var}={_shown(setting.default)}")
         lines.append("")
@@ -82,6 +90,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: README sections generated here: marker name -> what fills it.
 SECTIONS = {
     "settings": table,
+    "local-settings": lambda: table(LOCAL_SETTINGS),
     "errors": error_table,
     "stream-errors": stream_error_table,
 }
@@ -120,4 +129,6 @@ if __name__ == "__main__":
     elif which == "errors":
         print(f"{error_table()}\n\n{stream_error_table()}")
     else:
-        print(table() if which == "table" else env())
+        print(
+            {"table": table, "local": lambda: table(LOCAL_SETTINGS)}.get(which, env)()
+        )

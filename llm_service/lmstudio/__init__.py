@@ -1,17 +1,22 @@
 """A client for LM Studio's OpenAI-compatible server (and llama.cpp's).
 
 It knows HTTP and LM Studio and nothing of Flask, so it can be used alone.
+:mod:`.client` makes the calls, :mod:`.errors` is its exception tree,
+:mod:`.sse` and :mod:`.stream` read event streams, :mod:`.chunks` is the one
+reader of completions and chunks, :mod:`.watchdog` bounds and cancels calls,
+and :mod:`.diagnosis` names a failure's cause.
 """
 
-from .chunks import ChatChunk, read_chat_chunk
-from .client import (
+from .chunks import (
+    ChatChunk,
     ChatResult,
-    HealthReport,
-    LMStudioClient,
     Usage,
-    describe,
     parse_usage,
+    read_chat_chunk,
+    read_chat_completion,
+    read_text_completion,
 )
+from .client import HealthReport, LMStudioClient, describe
 from .diagnosis import CAUSES, Cause, cause_of, explain
 from .errors import (
     LMStudioAuthError,
@@ -71,4 +76,6 @@ __all__ = [
     "explain",
     "parse_usage",
     "read_chat_chunk",
+    "read_chat_completion",
+    "read_text_completion",
 ]

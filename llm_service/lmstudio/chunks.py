@@ -1,9 +1,12 @@
-"""Reading the chunks of a streamed chat completion, strictly.
+"""Reading what the upstream generates: completions, chunks and usage, strictly.
 
-The one reader of ``chat.completion.chunk`` objects: what the gateway takes
-from a chunk (model, text, finish reason, usage) and nothing else. A chunk whose
-shape is not the API's is an error, never a silent skip or a crash, so a stream
-that re-renders chunks always ends with its success or its error event.
+The one reader of OpenAI's generation objects: a ``chat.completion``, a
+``text_completion`` (non-streamed answers), a ``chat.completion.chunk`` (one
+streamed event), and the two things every stream is checked for (an in-stream
+error, a finish). What the gateway takes from them (text, model, finish reason,
+usage) is read here and nowhere else. A shape that is not the API's is an
+error, never a silent skip or a crash, so a stream that re-renders chunks
+always ends with its success or its error event.
 """
 
 from __future__ import annotations
@@ -11,9 +14,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .client import Usage, parse_usage
-from .errors import LMStudioProtocolError
+from .errors import LMStudioProtocolError, error_message, safe_excerpt
 from .sse import SSEEvent
+
+#: Characters of a malformed answer kept for the error's ``body``.
+BODY_EXCERPT = 300
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts the upstream reported for one completion."""
+
+    prompt: int
+    completion: int
+    total: int
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The parts of a completion (chat or text) the gateway answers with."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +49,70 @@ class ChatChunk:
     content: str | None
     finish_reason: str | None
     usage: Usage | None
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    """Parse an OpenAI ``usage`` object; missing, malformed or all-zero: unknown."""
+    if not isinstance(raw, dict):
+        return None
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    counts = [raw.get(key) for key in keys]
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return None
+    if not any(counts):
+        return None
+    return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
+
+
+# -- non-streamed answers ----------------------------------------------------
+
+
+def read_chat_completion(
+    body: dict[str, Any], *, model: str = "", request_id: str | None = None
+) -> ChatResult:
+    """Read a ``chat.completion``; raise LMStudioProtocolError without a message.
+
+    ``model`` is the requested model, answered when the upstream names none.
+    """
+    return _read_completion(body, "chat", model, request_id)
+
+
+def read_text_completion(
+    body: dict[str, Any], *, model: str = "", request_id: str | None = None
+) -> ChatResult:
+    """Read a ``text_completion``; raise LMStudioProtocolError without a text."""
+    return _read_completion(body, "text", model, request_id)
+
+
+def _read_completion(
+    body: dict[str, Any], kind: str, model: str, request_id: str | None
+) -> ChatResult:
+    try:
+        choice = body["choices"][0]
+        if kind == "chat":
+            text = choice["message"].get("content") or ""
+        else:
+            text = choice["text"] or ""
+        if not isinstance(text, str):
+            raise TypeError("content is not a string")
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        what = "message" if kind == "chat" else "text"
+        raise LMStudioProtocolError(
+            f"The upstream's {kind} completion has no {what}.",
+            status=200,
+            body=safe_excerpt(str(body), BODY_EXCERPT),
+            request_id=request_id,
+        ) from err
+    return ChatResult(
+        text=text,
+        model=str(body.get("model") or model or ""),
+        finish_reason=choice.get("finish_reason"),
+        usage=parse_usage(body.get("usage")),
+        request_id=request_id,
+    )
+
+
+# -- streamed chunks ---------------------------------------------------------
 
 
 def _malformed(what: str) -> LMStudioProtocolError:
@@ -72,3 +161,31 @@ def read_chat_chunk(event: SSEEvent) -> ChatChunk:
         raise _malformed("whose delta is not an object")
     content = _optional_text(delta.get("content"), "whose content is not a string")
     return ChatChunk(model, content, finish_reason, usage)
+
+
+def stream_error(event: SSEEvent) -> str | None:
+    """The message of an in-stream error event (chat or text), or None.
+
+    Only an ``error`` key makes a chunk an error (a chunk may say "message").
+    Cheap test first: most chunks carry no error and skip the JSON parse, which
+    the ``/v1`` relay never needs otherwise.
+    """
+    if '"error"' not in event.data:
+        return None
+    try:
+        payload = event.json()
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or "error" not in payload:
+        return None
+    return error_message(payload)[0] or "unknown error"
+
+
+def finishes(event: SSEEvent) -> bool:
+    """Tell whether a chunk (chat or text) has a non-null ``finish_reason``.
+
+    No JSON parse: content is JSON-escaped, so an unescaped ``"finish_reason":``
+    can only be the key itself.
+    """
+    compact = event.data.replace(" ", "")
+    return '"finish_reason":' in compact and '"finish_reason":null' not in compact

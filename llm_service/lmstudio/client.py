@@ -18,6 +18,7 @@ import backoff
 import requests
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
+from .chunks import BODY_EXCERPT, ChatResult, read_chat_completion
 from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
@@ -46,7 +47,6 @@ log = logging.getLogger("llm_service.lmstudio")
 #: Statuses worth another attempt: the upstream timed out, is overloaded or failed.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})
-BODY_EXCERPT = 300
 #: Pieces in which an answer's body is read (and checked against the limit).
 BODY_READ_SIZE = 65536
 #: Statuses a server answers for a path or method it does not serve: the
@@ -59,26 +59,8 @@ LOOP_CODE = "upstream_loop"
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts the upstream reported for one completion."""
-
-    prompt: int
-    completion: int
-    total: int
-
-
-@dataclass(frozen=True)
-class ChatResult:
-    """The parts of a chat completion the gateway answers with."""
-
-    text: str
-    model: str
-    finish_reason: str | None
-    usage: Usage | None
-    request_id: str | None = None
+#: Returns the correlation ID to send with a call (None: send none).
+CorrelationSource = Callable[[], str | None]
 
 
 @dataclass
@@ -114,23 +96,24 @@ class HealthReport:
         return list(self.loaded if self.loaded is not None else self.models)
 
 
-def _retry_waits(base: float = 0.5, cap: float = 8.0) -> Iterator[float]:
-    """Yield waits between attempts: ``Retry-After`` when given, else jittered expo.
+def _retry_wait(
+    error: LMStudioError, attempt: int, base: float = 0.5, cap: float = 8.0
+) -> float:
+    """The wait before retry number ``attempt + 1``: ``Retry-After``, else expo.
 
-    backoff sends each attempt's exception in; "equal jitter" keeps at least half
-    of the exponential wait so retries do not stampede an upstream that is
-    restarting.
+    "Equal jitter" keeps at least half of the exponential wait so retries do
+    not stampede an upstream that is restarting.
     """
-    attempt = 0
-    error = yield  # primed by backoff with None
+    if error.retry_after is not None:
+        return error.retry_after
+    ceiling = min(cap, base * 2**attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
+
+
+def _no_wait() -> Iterator[float]:
+    """backoff's own waits: none (the client waits, through its ``sleep``)."""
     while True:
-        if getattr(error, "retry_after", None) is not None:
-            delay = error.retry_after
-        else:
-            ceiling = min(cap, base * 2**attempt)
-            delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
-        attempt += 1
-        error = yield delay
+        yield 0
 
 
 def _is_retryable(error: LMStudioError) -> bool:
@@ -164,6 +147,10 @@ class LMStudioClient:
     the upstream connection is then closed at once.
     """
 
+    #: How the client waits between attempts. Injectable (``sleep=``, or on the
+    #: class for every client) so tests record the waits instead of sleeping.
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
     def __init__(
         self,
         base_url: str,
@@ -179,7 +166,9 @@ class LMStudioClient:
         max_response_bytes: int = 16 * 1024 * 1024,
         max_sse_line_bytes: int = 4 * 1024 * 1024,
         on_attempt: AttemptObserver | None = None,
+        correlation_id: CorrelationSource | None = None,
         via: str | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Largest answer body read; a larger one is refused, never read whole.
@@ -192,6 +181,9 @@ class LMStudioClient:
         self.retry_after_max = retry_after_max
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
+        self._correlation_id = correlation_id
+        if sleep is not None:
+            self.sleep = sleep
         self._flight_lock = threading.Lock()
         self._generations = 0
         self.session = requests.Session()
@@ -211,6 +203,9 @@ class LMStudioClient:
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = "llm-service"
         self.session.headers["Accept"] = "application/json"
+        #: True when calls carry ``Authorization: Bearer`` (the token itself
+        #: stays in the session's headers only).
+        self.sends_token = bool(api_token)
         if api_token:
             self.session.headers["Authorization"] = f"Bearer {api_token}"
         if via:
@@ -222,13 +217,13 @@ class LMStudioClient:
     def _with_retries(self, attempt: Callable, retries: int) -> Callable:
         """Wrap ``attempt`` in the one retry layer: retryable errors only."""
         return backoff.on_exception(
-            _retry_waits,
+            _no_wait,
             LMStudioError,
             max_tries=retries + 1,
             max_time=self.retry_budget,
             giveup=lambda error: not _is_retryable(error),
             jitter=None,
-            on_backoff=self._log_retry,
+            on_backoff=self._wait_before_retry,
             on_giveup=self._record_attempts,
             logger=None,
         )(attempt)
@@ -252,36 +247,14 @@ class LMStudioClient:
         self,
         payload: dict[str, Any],
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> ChatResult:
         """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
         body, request_id = self._call(
-            "POST",
-            "/v1/chat/completions",
-            json=payload,
-            correlation_id=correlation_id,
-            scope=scope,
+            "POST", "/v1/chat/completions", json=payload, scope=scope
         )
-        try:
-            choice = body["choices"][0]
-            message = choice["message"]
-            text = message.get("content") or ""
-            if not isinstance(text, str):
-                raise TypeError("content is not a string")
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise LMStudioProtocolError(
-                "The upstream's chat completion has no message.",
-                status=200,
-                body=safe_excerpt(str(body), BODY_EXCERPT),
-                request_id=request_id,
-            ) from err
-        return ChatResult(
-            text=text,
-            model=str(body.get("model") or payload.get("model") or ""),
-            finish_reason=choice.get("finish_reason"),
-            usage=parse_usage(body.get("usage")),
-            request_id=request_id,
+        return read_chat_completion(
+            body, model=str(payload.get("model") or ""), request_id=request_id
         )
 
     def post_json(
@@ -289,24 +262,20 @@ class LMStudioClient:
         path: str,
         payload: Any,
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> dict[str, Any]:
         """POST ``payload`` to ``path`` (with retries); return the JSON object."""
-        body, _ = self._call(
-            "POST", path, json=payload, correlation_id=correlation_id, scope=scope
-        )
+        body, _ = self._call("POST", path, json=payload, scope=scope)
         return body
 
     def get_json(
         self,
         path: str,
         *,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> dict[str, Any]:
         """GET ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("GET", path, correlation_id=correlation_id, scope=scope)
+        body, _ = self._call("GET", path, scope=scope)
         return body
 
     def open_stream(
@@ -314,7 +283,6 @@ class LMStudioClient:
         path: str,
         payload: dict[str, Any],
         *,
-        correlation_id: str | None = None,
         first_token_timeout: float = 120.0,
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
@@ -335,7 +303,7 @@ class LMStudioClient:
             response = self._open_with_retries(
                 path,
                 {**payload, "stream": True},
-                correlation_id=correlation_id,
+                correlation_id=self._current_correlation_id(),
                 scope=scope,
                 deadline=time.monotonic() + self.retry_budget,
             )
@@ -354,11 +322,9 @@ class LMStudioClient:
             started=scope.sent_at,
         )
 
-    def list_models(
-        self, *, correlation_id: str | None = None, scope: CallScope | None = None
-    ) -> list[str]:
+    def list_models(self, *, scope: CallScope | None = None) -> list[str]:
         """Return the model ids of ``GET /v1/models`` (with retries)."""
-        body = self.get_json("/v1/models", correlation_id=correlation_id, scope=scope)
+        body = self.get_json("/v1/models", scope=scope)
         return self._model_ids(body)
 
     def is_lmstudio(self, *, timeout: float | None = None) -> bool:
@@ -455,10 +421,13 @@ class LMStudioClient:
         path: str,
         *,
         json: Any = None,
-        correlation_id: str | None = None,
         scope: CallScope | None = None,
     ) -> tuple[dict[str, Any], str | None]:
-        """Make one call with retries; the whole call ends within the budget."""
+        """Make one call with retries; the whole call ends within the budget.
+
+        The call carries the correlation ID of the ``correlation_id`` hook;
+        probes (which do not come through here) carry none.
+        """
         scope = scope or CallScope()
         deadline = time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
@@ -467,13 +436,16 @@ class LMStudioClient:
                 method,
                 path,
                 json=json,
-                correlation_id=correlation_id,
+                correlation_id=self._current_correlation_id(),
                 scope=scope,
                 deadline=deadline,
                 observe=True,
             )
         finally:
             scope.finish()
+
+    def _current_correlation_id(self) -> str | None:
+        return self._correlation_id() if self._correlation_id else None
 
     def _attempt(
         self,
@@ -839,9 +811,11 @@ class LMStudioClient:
     def _record_attempts(details: dict) -> None:
         details["exception"].attempts = details["tries"]
 
-    @staticmethod
-    def _log_retry(details: dict) -> None:
+    def _wait_before_retry(self, details: dict) -> None:
+        """Log the failed attempt and wait (never past the retry budget)."""
         error = details["exception"]
+        wait = _retry_wait(error, attempt=details["tries"] - 1)
+        wait = max(0.0, min(wait, self.retry_budget - details["elapsed"]))
         # Never the upstream's text: it may quote the prompt or the token.
         log.warning(
             "upstream attempt %d failed (%s, upstream status %s, message of %d "
@@ -850,8 +824,9 @@ class LMStudioClient:
             type(error).__name__,
             error.status,
             len(error.message),
-            details["wait"],
+            wait,
         )
+        self.sleep(wait)
 
     @staticmethod
     def _model_ids(body: Any) -> list[str]:
@@ -859,19 +834,6 @@ class LMStudioClient:
         if not isinstance(data, list):
             raise LMStudioProtocolError("/v1/models answered without a data list.")
         return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
-
-
-def parse_usage(raw: Any) -> Usage | None:
-    """Parse an OpenAI ``usage`` object; missing, malformed or all-zero: unknown."""
-    if not isinstance(raw, dict):
-        return None
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    counts = [raw.get(key) for key in keys]
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        return None
-    if not any(counts):
-        return None
-    return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
 
 
 def describe(error: LMStudioError) -> str:

@@ -19,15 +19,30 @@ class SSELineTooLongError(ValueError):
 
 @dataclass
 class SSEEvent:
-    """One dispatched event: its ``data`` lines joined, and its ``event`` name."""
+    """One dispatched event: its ``data`` lines joined, its ``event`` and ``id``."""
 
     data: str
     event: str | None = None
+    id: str | None = None
     _parsed: Any = field(default=None, repr=False)
 
     @property
     def is_done(self) -> bool:
         return self.data.strip() == DONE
+
+    def encode(self) -> bytes:
+        """The event framed again as it came: name, id, and each ``data`` line.
+
+        Comments and ``retry`` lines are not kept; a relay sends its own
+        keep-alives.
+        """
+        if self.event is None and self.id is None and "\n" not in self.data:
+            return b"data: " + self.data.encode() + b"\n\n"  # nearly every chunk
+        lines = [f"event: {self.event}"] if self.event is not None else []
+        if self.id is not None:
+            lines.append(f"id: {self.id}")
+        lines.extend(f"data: {line}" for line in self.data.split("\n"))
+        return ("\n".join(lines) + "\n\n").encode()
 
     def json(self) -> Any:
         """The data parsed as JSON (cached); raises ValueError when it is not."""
@@ -59,6 +74,7 @@ class SSEParser:
         self._data: list[str] = []
         self._data_size = 0
         self._event: str | None = None
+        self._id: str | None = None
         #: Bytes searched or copied so far: a measure of the work done, which
         #: stays proportional to the bytes fed (tests and the bench read it).
         self.work = 0
@@ -117,10 +133,11 @@ class SSEParser:
     def _take_line(self, line: str) -> SSEEvent | None:
         if not line:
             if not self._data:
-                self._event = None
+                self._event = self._id = None
                 return None
-            event = SSEEvent("\n".join(self._data), self._event)
-            self._data, self._data_size, self._event = [], 0, None
+            event = SSEEvent("\n".join(self._data), self._event, self._id)
+            self._data, self._data_size = [], 0
+            self._event = self._id = None
             return event
         if line.startswith(":"):
             return None
@@ -135,4 +152,6 @@ class SSEParser:
             self._data.append(value)
         elif name == "event":
             self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id = value
         return None

@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator
 
 import requests
 
+from .chunks import finishes, stream_error
 from .errors import (
     LMStudioError,
     LMStudioResponseTooLargeError,
     LMStudioStreamCutError,
     LMStudioStreamError,
     LMStudioStreamTimeoutError,
-    error_message,
     safe_excerpt,
 )
 from .sse import SSEEvent, SSELineTooLongError, SSEParser
@@ -43,26 +43,6 @@ READ_SIZE = 65536
 BUFFER_BYTES = 256 * 1024
 _END = object()
 _CLOSED = object()
-
-
-def _stream_error(payload: object) -> str | None:
-    """Return the message of an in-stream error payload, or None.
-
-    Only an ``error`` key makes a chunk an error (a chunk may say "message").
-    """
-    if not isinstance(payload, dict) or "error" not in payload:
-        return None
-    return error_message(payload)[0] or "unknown error"
-
-
-def _finishes(data: str) -> bool:
-    """Tell whether a chunk carries a non-null ``finish_reason`` (no JSON parse).
-
-    Content is JSON-escaped, so an unescaped ``"finish_reason":`` can only be
-    the key itself.
-    """
-    compact = data.replace(" ", "")
-    return '"finish_reason":' in compact and '"finish_reason":null' not in compact
 
 
 class _Buffer:
@@ -239,20 +219,11 @@ class UpstreamStream:
             self.response.close()
 
     def _check(self, event: SSEEvent) -> None:
-        # Cheap test first: most chunks carry no error and skip the JSON parse.
-        if '"error"' not in event.data:
-            payload = None
-        else:
-            try:
-                payload = event.json()
-            except ValueError:
-                payload = None
-            message = _stream_error(payload)
-            if message is not None:
-                raise LMStudioStreamError(
-                    safe_excerpt(message), request_id=self.request_id
-                )
-        if not self.saw_finish and _finishes(event.data):
+        """Raise for an in-stream error; note a finish (read by :mod:`.chunks`)."""
+        message = stream_error(event)
+        if message is not None:
+            raise LMStudioStreamError(safe_excerpt(message), request_id=self.request_id)
+        if not self.saw_finish and finishes(event):
             self.saw_finish = True
 
     def _timeout(self, kind: str) -> LMStudioStreamTimeoutError:

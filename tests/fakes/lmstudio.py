@@ -6,9 +6,11 @@ really closes idle sockets, HTTP 200 for unknown paths, the single-loaded-model
 quirk, OpenAI-shaped JSON and server-sent events, and failures injected on
 demand. Unlisted behaviour follows LM Studio's public docs and bug reports.
 
-Standard library only. Every connection runs in a daemon thread, every wait is
-bounded and wakes up on :meth:`FakeLMStudio.stop`, so a test run never hangs
-on it::
+This module is LM Studio's (and llama.cpp's) behaviour: routes, answers,
+faults. The socket plumbing (accepting, connection threads, records, bounded
+waits that wake up on :meth:`~tests.fakes.sockets.LoopbackHTTPServer.stop`, so
+a test run never hangs on it) is :mod:`tests.fakes.sockets`. Standard library
+only::
 
     with FakeLMStudio(models=["a", "b"], loaded=["a"]) as fake:
         fake.fault("status", times=1, status=503, headers={"Retry-After": "1"})
@@ -21,14 +23,11 @@ Run it by hand with ``python -m tests.fakes.lmstudio --port 1234``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import itertools
 import json
 import logging
-import math
 import re
-import select
 import signal
 import socket
 import struct
@@ -37,8 +36,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fakes.sockets import (
+    POLL_SECONDS,
+    Abort,
+    ConnectionHandler,
+    ConnectionRecord,
+    LoopbackHTTPServer,
+    RequestRecord,
+    dumps,
+)
 
 __all__ = [
     "FAULT_KINDS",
@@ -78,6 +86,9 @@ FAULT_KINDS: dict[str, frozenset[str]] = {
     "long_line": frozenset({"bytes", "newline"}),
     # Chunk number `after` replaced by `data` (JSON-encoded unless a string).
     "bad_chunk": frozenset({"data", "after"}),
+    # Chunk number `after` replaced by `frame`, the raw text of one event
+    # (e.g. an `event:` name, an `id:`, several `data:` lines), sent as it is.
+    "raw_event": frozenset({"frame", "after"}),
     # Not a model server at all: raw bytes that are not HTTP, then close.
     "garbage": frozenset({"data"}),
     # A plain web server (nginx, python -m http.server) where the API should be:
@@ -97,6 +108,7 @@ _STREAM_ONLY_KINDS = frozenset(
         "slow_stream",
         "long_line",
         "bad_chunk",
+        "raw_event",
     }
 )
 _BREAKING_STREAM_KINDS = ("stream_error", "stream_cut", "stream_end")
@@ -114,60 +126,6 @@ _MALFORMED_BODIES = {
 
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _USAGE_MODES = frozenset({"normal", "zeros", "missing"})
-
-# Granularity of every interruptible wait: bounds how late stop() or a
-# vanished client is noticed by a stalled or streaming request.
-_POLL_SECONDS = 0.05
-# Bound on any single read or write once a request has started, so a client
-# that stops reading cannot pin a thread for ever.
-_IO_TIMEOUT_SECONDS = 30.0
-_MAX_REQUEST_LINE = 65536
-_MAX_BODY_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class RequestRecord:
-    """One request as the fake received it, and what became of it."""
-
-    method: str
-    path: str  # without the query string
-    query: str
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-    json: Any  # parsed body, or None when absent or not JSON
-    received_at: float  # time.monotonic()
-    connection_id: int
-    fault: str | None = None  # kind of the fault applied, if any
-    status: int | None = None  # status sent, None when none was sent
-    chunks_sent: int = 0  # SSE `data:` payloads written, [DONE] included
-    client_disconnected: bool = False  # the client left before the response ended
-    finished_at: float | None = None
-
-
-@dataclass
-class ConnectionRecord:
-    """One accepted TCP connection.
-
-    ``closed_by`` says who ended it: ``"peer"`` (the client closed or reset
-    it), ``"idle_timeout"``, ``"server"`` (``Connection: close`` or a
-    protocol error), ``"fault"``, ``"stop"``, ``"overload"`` or ``"error"``.
-    """
-
-    id: int
-    peer: tuple[str, int]
-    opened_at: float  # time.monotonic()
-    closed_at: float | None = None
-    closed_by: str | None = None
-    requests: int = 0
-
-    @property
-    def open(self) -> bool:
-        return self.closed_at is None
-
-    @property
-    def peer_closed(self) -> bool:
-        """Whether the server saw the client close (or reset) the connection."""
-        return self.closed_by == "peer"
 
 
 @dataclass
@@ -219,10 +177,6 @@ def fault_from_model(body: Any) -> Fault | None:
     return Fault(kind, 1, None, params)
 
 
-class _Abort(Exception):
-    """Unwind the current request and close its connection."""
-
-
 def echo_reply(request: dict[str, Any]) -> str:
     """Return the default reply: ``"Echo: "`` plus the last user text or prompt."""
     if "messages" in request:
@@ -266,12 +220,7 @@ def _embedding(text: str) -> list[float]:
     return [round(word / 0xFFFFFFFF * 2 - 1, 6) for word in words]
 
 
-def _dumps(obj: Any) -> bytes:
-    # Compact like Express's res.json().
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-class FakeLMStudio:
+class FakeLMStudio(LoopbackHTTPServer):
     """A fake LM Studio (or, with ``lmstudio=False``, llama.cpp) server.
 
     Attributes may be changed between requests; each request reads them once
@@ -321,8 +270,9 @@ class FakeLMStudio:
     ) -> None:
         if usage_mode not in _USAGE_MODES:
             raise ValueError(f"usage_mode must be one of {sorted(_USAGE_MODES)}")
-        self.host = host
-        self._port = port
+        super().__init__(
+            host, port, idle_timeout=idle_timeout, max_connections=max_connections
+        )
         self.models = list(models) if models is not None else ["fake-model-1"]
         self.loaded = list(loaded) if loaded is not None else list(self.models)
         self.lmstudio = lmstudio
@@ -331,242 +281,13 @@ class FakeLMStudio:
         self.usage_mode = usage_mode
         self.stream_interval = stream_interval
         self.first_token_delay = first_token_delay
-        self.idle_timeout = idle_timeout
         self.unknown_model_status = unknown_model_status
         self.max_context_length = max_context_length
-        self.max_connections = max_connections
         self.embeddings = embeddings
 
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._requests: list[RequestRecord] = []
-        self._connections: list[ConnectionRecord] = []
         self._faults: list[Fault] = []
-        self._open_sockets: dict[int, socket.socket] = {}
-        self._threads: set[threading.Thread] = set()
-        self._ids = itertools.count(1)
         self._completion_ids = itertools.count(1)
         self._generations = 0  # generations under way
-
-        self._listen_lock = threading.Lock()
-        self._accept_thread: threading.Thread | None = None
-        self._wake_acceptor: socket.socket | None = None
-        self._started = False
-        self._stopping = threading.Event()
-
-    # -- lifecycle ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The bound port (the requested one before :meth:`start`)."""
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """Base URL without ``/v1``, e.g. ``http://127.0.0.1:54321``."""
-        return f"http://{self.host}:{self._port}"
-
-    @property
-    def listening(self) -> bool:
-        return self._accept_thread is not None
-
-    def start(self) -> FakeLMStudio:
-        """Bind, serve in a daemon thread and return self."""
-        if self._started:
-            raise RuntimeError("FakeLMStudio can only be started once")
-        self._started = True
-        self.accept()
-        return self
-
-    def stop(self, timeout: float = 1.0) -> None:
-        """Stop listening, close every client connection and wait for threads.
-
-        Returns within about ``timeout`` seconds even with stalled or
-        streaming requests in flight: those waits watch the stop flag, and
-        shutting the sockets down wakes any thread blocked in a read or write.
-        """
-        if not self._started or self._stopping.is_set():
-            return
-        self._stopping.set()
-        self.refuse()
-        with self._lock:
-            sockets = list(self._open_sockets.values())
-            threads = list(self._threads)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def __enter__(self) -> FakeLMStudio:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def refuse(self, *, drop_connections: bool = False) -> None:
-        """Close the listening socket, so new connections are refused.
-
-        Connections already accepted carry on unless ``drop_connections`` is
-        true, which is what a server process that died looks like to its
-        clients. :meth:`accept` listens again on the same port.
-        """
-        if drop_connections:
-            with self._lock:
-                sockets = list(self._open_sockets.values())
-            for sock in sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        with self._listen_lock:
-            thread, self._accept_thread = self._accept_thread, None
-            if thread is None:
-                return
-            assert self._wake_acceptor is not None
-            # The accept thread closes its own sockets: closing the listener
-            # from here could race with its accept() on a reused descriptor.
-            self._wake_acceptor.send(b"x")
-        thread.join(5.0)
-
-    def accept(self) -> None:
-        """Listen (again) on the port, undoing :meth:`refuse`."""
-        if self._stopping.is_set():
-            raise RuntimeError("FakeLMStudio is stopped")
-        with self._listen_lock:
-            if self._accept_thread is not None:
-                return
-            # create_server sets SO_REUSEADDR, so the port can be bound again
-            # while connections from the previous listener linger.
-            listener = socket.create_server((self.host, self._port), backlog=128)
-            self._port = listener.getsockname()[1]
-            listener.setblocking(False)
-            waker, self._wake_acceptor = socket.socketpair()
-            self._accept_thread = threading.Thread(
-                target=self._accept_loop,
-                args=(listener, waker, self._wake_acceptor),
-                name=f"fake-lmstudio-accept-{self._port}",
-                daemon=True,
-            )
-            self._accept_thread.start()
-
-    def _accept_loop(
-        self, listener: socket.socket, waker: socket.socket, wake: socket.socket
-    ) -> None:
-        """Accept connections until a byte arrives on ``waker``."""
-        try:
-            while True:
-                readable, _, _ = select.select([listener, waker], [], [])
-                if waker in readable:
-                    return
-                try:
-                    sock, peer = listener.accept()
-                except BlockingIOError:  # the client gave up meanwhile
-                    continue
-                except OSError as exc:  # e.g. EMFILE: back off, keep going
-                    log.warning("fake LM Studio accept failed: %s", exc)
-                    time.sleep(_POLL_SECONDS)
-                    continue
-                self._start_connection(sock, peer)
-        finally:
-            for sock in (listener, waker, wake):
-                sock.close()
-
-    def _start_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        sock.settimeout(None)
-        record = ConnectionRecord(next(self._ids), peer, time.monotonic())
-        with self._changed:
-            self._connections.append(record)
-            overloaded = len(self._open_sockets) >= self.max_connections
-            if not overloaded:
-                self._open_sockets[record.id] = sock
-            self._changed.notify_all()
-        if overloaded:
-            sock.close()
-            self._connection_closed(record, "overload")
-            return
-        thread = threading.Thread(
-            target=self._serve_connection,
-            args=(sock, record),
-            name=f"fake-lmstudio-conn-{record.id}",
-            daemon=True,
-        )
-        with self._lock:
-            self._threads.add(thread)
-        thread.start()
-
-    def _serve_connection(self, sock: socket.socket, record: ConnectionRecord) -> None:
-        try:
-            _Handler(sock, record.peer, self, record)
-        except OSError:  # e.g. writing an error page to a vanished client
-            self._connection_closed(record, "peer")
-        except Exception:
-            log.exception("fake LM Studio connection %s failed", record.id)
-            self._connection_closed(record, "error")
-        finally:
-            sock.close()
-            self._connection_closed(record, "server")
-            with self._lock:
-                self._open_sockets.pop(record.id, None)
-                self._threads.discard(threading.current_thread())
-
-    def _connection_closed(self, record: ConnectionRecord, reason: str) -> None:
-        """Record the first reason given; later calls only confirm the close."""
-        with self._changed:
-            if record.closed_by is None:
-                record.closed_by = "stop" if self._stopping.is_set() else reason
-            if record.closed_at is None:
-                record.closed_at = time.monotonic()
-            self._changed.notify_all()
-
-    # -- records -----------------------------------------------------------
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """A snapshot of the requests received so far, oldest first."""
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def connections(self) -> list[ConnectionRecord]:
-        """A snapshot of the connections accepted so far, oldest first."""
-        with self._lock:
-            return list(self._connections)
-
-    def clear_records(self) -> None:
-        """Forget recorded requests and closed connections.
-
-        Records of connections still open are kept: a client's pooled socket
-        carries on into the next test, which may want to see it close.
-        """
-        with self._lock:
-            self._requests.clear()
-            self._connections[:] = [c for c in self._connections if c.open]
-
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-        """Wait until ``predicate()`` is truthy; return its last value.
-
-        Re-checks whenever a request or connection is recorded or changes,
-        and at least every 50 ms. Never raises on timeout: assert the result.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            remaining = deadline - time.monotonic()
-            if value or remaining <= 0:
-                return value
-            with self._changed:
-                self._changed.wait(min(remaining, _POLL_SECONDS))
-
-    def _record_request(self, record: RequestRecord) -> None:
-        with self._changed:
-            self._requests.append(record)
-            self._changed.notify_all()
-
-    def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
 
     # -- faults ------------------------------------------------------------
 
@@ -649,94 +370,11 @@ class FakeLMStudio:
         return f"{prefix}-fake{next(self._completion_ids)}"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ConnectionHandler):
     """Serve one connection's requests for a :class:`FakeLMStudio`."""
 
-    protocol_version = "HTTP/1.1"
-
-    def __init__(self, sock, peer, fake: FakeLMStudio, record: ConnectionRecord):
-        self.fake = fake
-        self.conn_record = record
-        self.record: RequestRecord | None = None
-        self.headers_sent = False
-        super().__init__(sock, peer, fake)
-
-    # -- connection loop -----------------------------------------------------
-
-    def handle_one_request(self) -> None:
-        # Replaces the base class version: any method is routed (LM Studio
-        # answers unknown methods with 200), and the idle wait is timed.
-        fake = self.fake
-        try:
-            # Why: Express closes keep-alive sockets idle for its timeout; a
-            # timed-out wait for the next request line is exactly that.
-            self.connection.settimeout(fake.idle_timeout)
-            self.raw_requestline = self.rfile.readline(_MAX_REQUEST_LINE + 1)
-        except TimeoutError:
-            self._close("idle_timeout")
-            return
-        except OSError:
-            self._close("peer")
-            return
-        if not self.raw_requestline:
-            self._close("peer")
-            return
-        self.connection.settimeout(_IO_TIMEOUT_SECONDS)
-        self.headers_sent = False
-        self.record = None
-        if len(self.raw_requestline) > _MAX_REQUEST_LINE:
-            self.send_error(414)
-            self._close("server")
-            return
-        if not self.parse_request():  # it has answered with an error
-            self._close("server")
-            return
-        self.conn_record.requests += 1
-        try:
-            self._handle_request()
-        except _Abort:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            self._client_gone()
-        except TimeoutError:
-            self._close("error")
-        except OSError:
-            self._close("peer")  # recorded as "stop" when stop() caused it
-        except Exception:
-            log.exception("fake LM Studio failed on %s %s", self.command, self.path)
-            self._close("error")
-            if not self.headers_sent:
-                error = {"error": {"message": "fake LM Studio failed"}}
-                with contextlib.suppress(OSError):
-                    self._send_json(500, error)
-        finally:
-            if self.record is not None:
-                self.record.finished_at = time.monotonic()
-                self.fake._notify()
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
-        self.connection.close()
-        self.fake._connection_closed(self.conn_record, "server")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("fake LM Studio: " + format, *args)
-
-    def _close(self, reason: str) -> None:
-        """Close the connection after this request and record why."""
-        self.close_connection = True
-        with self.fake._changed:
-            if self.conn_record.closed_by is None:
-                stopping = self.fake._stopping.is_set()
-                self.conn_record.closed_by = "stop" if stopping else reason
-
-    def _client_gone(self) -> None:
-        if self.record is not None:
-            self.record.client_disconnected = True
-        self._close("peer")
+    server_headers = {"X-Powered-By": "Express"}
+    fake: FakeLMStudio
 
     # -- request handling ----------------------------------------------------
 
@@ -812,32 +450,6 @@ class _Handler(BaseHTTPRequestHandler):
             routes[("GET", "/api/v0/models")] = self._v0_models
         return routes.get((self.command, route))
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked_body()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY_BYTES:
-            raise _Abort
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _read_chunked_body(self) -> bytes:
-        parts: list[bytes] = []
-        size_read = 0
-        while True:
-            line = self.rfile.readline(1024)
-            if not line:
-                raise _Abort
-            size = int(line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # skip trailers
-                return b"".join(parts)
-            size_read += size
-            if size_read > _MAX_BODY_BYTES:
-                raise _Abort
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)  # the CRLF closing the chunk
-
     # -- faults --------------------------------------------------------------
 
     def _apply_fault(self, fault: Fault, streaming: bool) -> bool:
@@ -852,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "stall":
             # Say nothing, then answer normally if the client is still there.
             if not self._wait(params.get("seconds", 60.0)):
-                raise _Abort
+                raise Abort
             return False
         if kind == "status":
             status = params.get("status", 500)
@@ -917,7 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
             "message": {"role": "assistant", "content": "Drip."},
             "finish_reason": "stop",
         }
-        body = _dumps(
+        body = dumps(
             {
                 "id": self.fake._new_id("chatcmpl"),
                 "object": "chat.completion",
@@ -941,50 +553,9 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             for index in range(len(data)):
                 if index and not self._wait(interval):
-                    raise _Abort
+                    raise Abort
                 self._write(data[index : index + 1])
         self._close("server")
-
-    def _reset(self, rst: bool) -> None:
-        """Close the socket without a word: FIN, or RST when ``rst``."""
-        if rst:
-            # A zero linger turns close() into a RST.
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
-        else:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        # The makefile() wrappers hold references that would defer the close.
-        self.rfile.close()
-        self.wfile.close()
-        self.connection.close()
-        self._close("fault")
-        raise _Abort
-
-    def _wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; False when stopping or the client left."""
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.fake._stopping.is_set():
-                self._close("stop")
-                return False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            step = min(remaining, _POLL_SECONDS)
-            # Readable means: EOF (client gone, or stop() shut the socket)
-            # or pipelined bytes, which are left in place.
-            readable, _, _ = select.select([self.connection], [], [], step)
-            if readable:
-                try:
-                    gone = self.connection.recv(1, socket.MSG_PEEK) == b""
-                except OSError:
-                    gone = True
-                if gone:
-                    if not self.fake._stopping.is_set():
-                        self._client_gone()
-                    return False
-                self.fake._stopping.wait(step)
 
     # -- endpoints -----------------------------------------------------------
 
@@ -997,8 +568,8 @@ class _Handler(BaseHTTPRequestHandler):
             # llama-cpp-python's server runs one request at a time: /v1/models
             # waits until the generation under way has finished.
             while fake._generations:
-                if not self._wait(_POLL_SECONDS):
-                    raise _Abort
+                if not self._wait(POLL_SECONDS):
+                    raise Abort
         data = [
             {"id": model, "object": "model", "owned_by": "organization_owner"}
             for model in self.fake._all_models()
@@ -1120,7 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         if not self._wait(self.fake.first_token_delay):
-            raise _Abort
+            raise Abort
         text = "".join(tokens)
         if kind == "chat":
             choice = {
@@ -1186,31 +757,36 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
         if not self._wait(self.fake.first_token_delay):
-            raise _Abort
+            raise Abort
         if fault_kind == "flood":
-            self._flood_events(_dumps(chunk("x" * 1000, 1, None)), params)
+            self._flood_events(dumps(chunk("x" * 1000, 1, None)), params)
         elif fault_kind == "long_line":
             self._long_line(params)
         pieces = tokens or [""]
         for index, piece in enumerate(pieces):
             if index and not self._wait(interval):
-                raise _Abort
+                raise Abort
             if fault_kind in _BREAKING_STREAM_KINDS and index == cut_after:
                 self._stream_fault(fault_kind, params)
             if fault_kind == "bad_chunk" and index == params.get("after", 1):
                 data = params.get("data", "")
                 self._send_event(
-                    data.encode() if isinstance(data, str) else _dumps(data)
+                    data.encode() if isinstance(data, str) else dumps(data)
                 )
                 continue
-            self._send_event(_dumps(chunk(piece, index, None)))
+            if fault_kind == "raw_event" and index == params.get("after", 1):
+                self._write_chunk(params.get("frame", "").encode())
+                if self.record is not None:
+                    self.record.chunks_sent += 1
+                continue
+            self._send_event(dumps(chunk(piece, index, None)))
         if fault_kind in _BREAKING_STREAM_KINDS and cut_after >= len(pieces):
             self._stream_fault(fault_kind, params)
-        self._send_event(_dumps(chunk(None, len(pieces), finish_reason)))
+        self._send_event(dumps(chunk(None, len(pieces), finish_reason)))
         include_usage = (body.get("stream_options") or {}).get("include_usage")
         if include_usage and usage is not None:
             final = {**envelope(obj), "choices": [], "usage": usage}
-            self._send_event(_dumps(final))
+            self._send_event(dumps(final))
         self._send_event(b"[DONE]")
         self._write_chunk(b"")  # the zero-length chunk ends the body
 
@@ -1236,26 +812,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(block[: min(_FLOOD_WRITE, size - start)])
         if not params.get("newline"):
             self._write_chunk(b"")
-            raise _Abort
+            raise Abort
         self._write_chunk(b"\n\n")
 
     def _stream_fault(self, kind: str, params: dict[str, Any]) -> None:
-        """Break the stream under way; always raises :class:`_Abort`."""
+        """Break the stream under way; always raises :class:`Abort`."""
         if kind == "stream_error":
             error = params.get("error", {"message": "Injected stream error"})
-            self._send_event(_dumps({"error": error}))
+            self._send_event(dumps({"error": error}))
             # The body ends cleanly but without [DONE], as after a model crash.
             self._write_chunk(b"")
-            raise _Abort
+            raise Abort
         if kind == "stream_end":
             # The body ends cleanly, yet no chunk had a finish_reason and no
             # [DONE] came: the server stopped mid-answer, the wire looks fine.
             self._write_chunk(b"")
-            raise _Abort
+            raise Abort
         # stream_cut: no terminating chunk, so the client sees a short body.
         self.connection.shutdown(socket.SHUT_RDWR)
         self._close("fault")
-        raise _Abort
+        raise Abort
 
     def _embeddings(self, body: dict[str, Any], _fault: Fault | None) -> None:
         if not self.fake.embeddings:
@@ -1291,63 +867,14 @@ class _Handler(BaseHTTPRequestHandler):
             }
         self._send_json(200, response)
 
-    # -- writing -------------------------------------------------------------
-
-    def _start_response(self, status: int, headers: dict[str, str]) -> None:
-        # Not send_response(): it adds a Server header Express never sends.
-        self.send_response_only(status)
-        self.send_header("X-Powered-By", "Express")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Date", self.date_time_string())
-        # send_header("Connection") also sets close_connection: derived from
-        # it, the header leaves it unchanged.
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        else:
-            self.send_header("Connection", "keep-alive")
-            idle = self.fake.idle_timeout
-            if idle is not None:
-                seconds = max(1, math.ceil(idle))
-                self.send_header("Keep-Alive", f"timeout={seconds}")
-        self.end_headers()  # writes the buffered header block in one go
-        self.headers_sent = True
-        if self.record is not None:
-            self.record.status = status
-
-    def _send_json(
-        self, status: int, obj: Any, headers: dict[str, str] | None = None
-    ) -> None:
-        payload = obj if isinstance(obj, bytes) else _dumps(obj)
-        self._send_bytes(status, payload, "application/json; charset=utf-8", headers)
-
-    def _send_bytes(
-        self,
-        status: int,
-        payload: bytes,
-        content_type: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        all_headers = {
-            "Content-Type": content_type,
-            "Content-Length": str(len(payload)),
-            **(headers or {}),
-        }
-        self._start_response(status, all_headers)
-        if self.command != "HEAD":
-            self._write(payload)
-
     def _send_event(self, data: bytes) -> None:
         self._write_chunk(b"data: " + data + b"\n\n")
         if self.record is not None:
             self.record.chunks_sent += 1
 
-    def _write_chunk(self, data: bytes) -> None:
-        self._write(b"%X\r\n%s\r\n" % (len(data), data))
 
-    def _write(self, data: bytes) -> None:
-        # wfile is unbuffered (wbufsize 0): each write reaches the socket now.
-        self.wfile.write(data)
+# Set here: the handler is defined after the server it serves.
+FakeLMStudio.handler_class = _Handler
 
 
 def _is_uuid(value: str | None) -> bool:

@@ -23,6 +23,7 @@ import requests
 
 from tests.integration.conftest import FAST_FAILURE
 from tests.servers import ROOT, GatewayServer
+from tests.support.sse import read_until_closed
 
 HELLO = {"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]}
 HEADER_TIMEOUT = 2.0
@@ -230,16 +231,6 @@ CHAT = {**HELLO, "stream": True}
 MESSAGE = {"messages": HELLO["messages"], "stream": True}
 #: The worker is stopped this long after SIGTERM; streams end 2 s before.
 GRACE = 4
-
-
-def read_until_closed(response) -> list[tuple[float, str]]:
-    events, buffer = [], b""
-    while data := response.raw.read1(65536):
-        buffer += data
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            events.append((time.monotonic(), event.decode()))
-    return events
 
 
 @pytest.mark.parametrize(

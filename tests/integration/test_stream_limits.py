@@ -15,14 +15,9 @@ import pytest
 import requests
 
 from tests.integration.conftest import FAST_FAILURE
-from tests.integration.test_streaming import (
-    CHAT,
-    MESSAGE,
-    data_of,
-    read_events,
-    upstream_closed_at,
-)
+from tests.integration.test_streaming import CHAT, MESSAGE, upstream_closed_at
 from tests.servers import GatewayServer
+from tests.support.sse import data_of, read_events
 from tests.unit.test_chunks import MALFORMED_CHUNKS
 
 SLOW_CLIENT_LIMITS = {
@@ -195,3 +190,25 @@ def test_v1_relays_malformed_chunks_as_they_are(gateway, fake, data):
     payloads = data_of(read_events(f"{gateway.url}/v1/chat/completions", CHAT))
     assert data in payloads
     assert payloads[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "event: note\ndata: line one\ndata: line two\n\n",
+        'id: 7\ndata: {"a":\ndata: 1}\n\n',
+    ],
+    ids=["named-multiline", "id-multiline"],
+)
+def test_v1_relays_events_as_they_came(gateway, fake, frame):
+    """Before: the relay re-framed each event as one ``data:`` line, losing
+    ``event:`` names, ids and the line breaks of multi-line data."""
+    fake.fault("raw_event", times=1, frame=frame, after=1)
+    response = requests.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert frame in response.text
+    assert response.text.endswith("data: [DONE]\n\n")

@@ -13,6 +13,7 @@ import requests
 
 from tests.integration.conftest import FAST_FAILURE
 from tests.servers import GatewayServer
+from tests.support.sse import data_of, read_events
 
 CHAT = {
     "model": "fake-model-1",
@@ -37,28 +38,6 @@ def stream_gateway(fake):
         yield server
 
 
-def read_events(url, body, *, stop_after=None):
-    """POST and read the SSE answer as it arrives: [(seconds, raw_event), ...]."""
-    started = time.monotonic()
-    events = []
-    with requests.post(url, json=body, stream=True, timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        assert response.headers["Cache-Control"] == "no-cache"
-        assert response.headers["X-Accel-Buffering"] == "no"
-        buffer = b""
-        while True:
-            data = response.raw.read1(65536)
-            if not data:
-                break
-            buffer += data
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                events.append((time.monotonic() - started, event.decode()))
-            if stop_after and len(events) >= stop_after:
-                break
-    return events
-
-
 def open_raw_stream(gateway) -> socket.socket:
     """Send a streamed chat request on a bare socket the test can close at will."""
     sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
@@ -76,10 +55,6 @@ def upstream_closed_at(fake, record) -> float | None:
     """When the fake saw the connection of ``record`` close (None: still open)."""
     conn = next((c for c in fake.connections if c.id == record.connection_id), None)
     return conn.closed_at if conn else None
-
-
-def data_of(events):
-    return [e.split("data: ", 1)[1] for _, e in events if "data: " in e]
 
 
 def test_v1_stream_relays_each_chunk_as_it_arrives(gateway, fake):

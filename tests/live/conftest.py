@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from llm_service import local_backend
+import local_backend
 from llm_service.config import upstream_base_url
 from tests.servers import GatewayServer, free_port
 

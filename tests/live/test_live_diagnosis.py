@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from llm_service import local_backend
+import local_backend
 
 #: The README's full /llm/message example, verbatim (its curl command's -H and -d).
 README_HEADERS = {

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.servers import ROOT
+from tests.support.sse import data, events_of
 
 QUESTION = [{"role": "user", "content": "Name three colors."}]
 
@@ -140,10 +141,10 @@ def test_message_stream_live(live_gateway, model_server):
         timeout=180,
     ) as response:
         text = response.content.decode()
-    events = [e for e in text.split("\n\n") if e.startswith("event: ")]
+    events = [e for e in events_of(text) if e.startswith("event: ")]
     assert events[-1].startswith("event: done")
     assert sum(e.startswith("event: delta") for e in events) >= 2
-    final = json.loads(events[-1].split("data: ", 1)[1])
+    final = json.loads(data(events[-1]))
     assert final["response"].strip()
     assert final["model"] == model_server.model
     # Unknown (null) when the upstream reports no usage, never made up.

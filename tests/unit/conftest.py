@@ -1,20 +1,17 @@
 """Unit-test fixtures: retries never really sleep."""
 
-import types
-
-import backoff._sync
 import pytest
+
+from llm_service.lmstudio import LMStudioClient
 
 
 @pytest.fixture(autouse=True)
 def sleeps(monkeypatch):
     """Record the waits of the retry layer instead of sleeping through them.
 
-    Only backoff's own reference to ``time`` is replaced, so threads elsewhere
-    (the fake LM Studio) keep their real clock.
+    The client's own ``sleep`` is replaced (for every client, those the apps
+    build included), so threads elsewhere (the fake LM Studio) keep their clock.
     """
     recorded: list[float] = []
-    monkeypatch.setattr(
-        backoff._sync, "time", types.SimpleNamespace(sleep=recorded.append)
-    )
+    monkeypatch.setattr(LMStudioClient, "sleep", staticmethod(recorded.append))
     return recorded

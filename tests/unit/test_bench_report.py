@@ -1,8 +1,84 @@
-"""bench/report.py: a smoke run's report can never pass for the full run's."""
+"""bench/report.py: the data, rendered by its Jinja2 template; a smoke run's
+report can never pass for the full run's."""
 
 import pytest
 
 from bench import report
+from bench.figures import percentile
+
+
+def spread(median):
+    return {"median": median, "min": median * 0.9, "max": median * 1.1, "runs": 3}
+
+
+def target(label):
+    return {
+        "available": True,
+        "label": label,
+        "p50_ms": spread(1.2),
+        "p99_ms": spread(3.4),
+        "added_p50_ms": spread(0.4),
+        "added_p99_ms": spread(1.1),
+        "errors": 0,
+    }
+
+
+RESULT = {
+    "mode": "smoke",
+    "started_at": "2026-01-01T00:00:00Z",
+    "duration_s": 61.4,
+    "machine": {
+        "cpu_model": "cpu",
+        "cores": 2,
+        "memory_gib": 4,
+        "os": "Linux",
+        "kernel": "6",
+        "load_average_at_start": 0.5,
+    },
+    "versions": {"python": "3.11", "litellm": None},
+    "settings": {"runs": 1},
+    "figures": {
+        "latency": {
+            "requests_per_run": 2000,
+            "targets": {
+                "direct": target("direct"),
+                "gateway_message": target("gateway /llm/message"),
+                "litellm": {"available": False, "label": "LiteLLM", "reason": "off"},
+            },
+        }
+    },
+    "notes": ["a note"],
+}
+
+
+def test_the_report_renders_data_through_its_template():
+    result = {**RESULT, "targets": report.evaluate(RESULT["figures"])}
+    text = report.markdown(result)
+    assert text.startswith("# llm-service benchmark (smoke)\n\nStarted ")
+    assert "took 61 s." in text
+    assert "**Versions**: python 3.11\n" in text
+    assert "One request at a time, 2,000 per target per run" in text
+    assert "| gateway /llm/message | 1.200 (1.080-1.320) |" in text
+    assert "| LiteLLM | n/a (off) |" in text
+    assert "## Notes\n\n- a note\n" in text
+    assert text.endswith("- a note\n")
+    assert "\n\n\n" not in text
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 95, 99, 100])
+@pytest.mark.parametrize("values", [[3.0], [1.0, 2.0], [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]])
+def test_percentile_is_linear_between_ranks(values, q):
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    expected = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    assert percentile(values, q) == pytest.approx(expected)
+
+
+def test_one_formatter():
+    assert report.fmt(None) == "-"
+    assert report.fmt(1234.5, 1) == "1,234.5"
 
 
 @pytest.mark.parametrize("mode", ["full", "smoke"])

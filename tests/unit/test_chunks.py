@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from llm_service.lmstudio import LMStudioProtocolError, SSEEvent, read_chat_chunk
+from llm_service.lmstudio import (
+    LMStudioProtocolError,
+    SSEEvent,
+    read_chat_chunk,
+    read_chat_completion,
+    read_text_completion,
+)
+from llm_service.lmstudio.chunks import finishes, stream_error
 
 #: Chunks whose shape is not the API's, each with an id; shared with the
 #: integration tests, which send them through the gateway.
@@ -65,3 +72,74 @@ def test_usage_stays_lenient():
     assert read_chat_chunk(SSEEvent(json.dumps(chunk))).usage is None
     chunk["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     assert read_chat_chunk(SSEEvent(json.dumps(chunk))).usage.total == 3
+
+
+# -- the readers of non-streamed answers ---------------------------------------
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_reads_a_chat_completion():
+    body = {
+        "model": "m",
+        "choices": [{"message": {"content": "Hi."}, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
+    result = read_chat_completion(body, request_id="r-1")
+    assert (result.text, result.model, result.finish_reason) == ("Hi.", "m", "stop")
+    assert result.usage.total == 5
+    assert result.request_id == "r-1"
+
+
+def test_reads_a_text_completion_and_falls_back_to_the_requested_model():
+    body = {"choices": [{"text": "lo", "finish_reason": "length"}]}
+    result = read_text_completion(body, model="asked")
+    assert (result.text, result.model, result.finish_reason) == (
+        "lo",
+        "asked",
+        "length",
+    )
+    assert result.usage is None
+
+
+@pytest.mark.parametrize(
+    ("reader", "body"),
+    [
+        (read_chat_completion, {"choices": []}),
+        (read_chat_completion, {"choices": [{"text": "x"}]}),
+        (read_chat_completion, {"choices": [{"message": {"content": 5}}]}),
+        (read_text_completion, {"choices": [{"message": {"content": "x"}}]}),
+        (read_text_completion, {"choices": [{"text": ["x"]}]}),
+    ],
+)
+def test_a_completion_without_its_text_is_a_protocol_error(reader, body):
+    with pytest.raises(LMStudioProtocolError) as info:
+        reader(body)
+    assert info.value.status == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "finished"),
+    [
+        ('{"choices": [{"delta": {}, "finish_reason": null}]}', False),
+        ('{"choices": [{"delta": {}, "finish_reason": "stop"}]}', True),
+        ('{"choices": [{"text": "", "finish_reason": "length"}]}', True),
+        ('{"choices": [{"delta": {"content": "\\"finish_reason\\": 1"}}]}', False),
+    ],
+)
+def test_finishes_reads_chat_and_text_chunks(data, finished):
+    assert finishes(SSEEvent(data)) is finished
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ('{"error": {"message": "boom"}}', "boom"),
+        ('{"error": "plain"}', "plain"),
+        ('{"choices": [{"delta": {"content": "error"}}]}', None),
+        ('{"message": "not an error"}', None),
+        ('{"error": ', None),
+    ],
+)
+def test_stream_error_reads_the_error_key_only(data, message):
+    assert stream_error(SSEEvent(data)) == message

@@ -23,34 +23,13 @@ from llm_service.lmstudio import (
     ModelNotFoundError,
     NoModelLoadedError,
 )
+from tests.support.bodies import chat_completion
 
 pytestmark = pytest.mark.mock_llm
 
 BASE = "http://lmstudio.test:1234"
 CHAT = f"{BASE}/v1/chat/completions"
 PAYLOAD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def completion(text="Hello.", model="loaded-model", usage=None, finish="stop"):
-    body = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }
-        ],
-    }
-    if usage is not False:
-        body["usage"] = usage or {
-            "prompt_tokens": 5,
-            "completion_tokens": 2,
-            "total_tokens": 7,
-        }
-    return body
 
 
 @pytest.fixture
@@ -68,7 +47,7 @@ def ordered():
 
 
 def test_chat_completion_parses_answer(client, upstream):
-    upstream.post(CHAT, json=completion(model="answered-by"))
+    upstream.post(CHAT, json=chat_completion(model="answered-by"))
     result = client.chat_completion(PAYLOAD)
     assert result.text == "Hello."
     # LM Studio answers with its loaded model whatever was asked: report that one.
@@ -82,10 +61,10 @@ def test_chat_completion_parses_answer(client, upstream):
 
 
 def test_sends_correlation_id_and_token(upstream):
-    lm = LMStudioClient(BASE, api_token="sk-lm-abc:def")
+    lm = LMStudioClient(BASE, api_token="sk-lm-abc:def", correlation_id=lambda: "cid-1")
     upstream.post(
         CHAT,
-        json=completion(),
+        json=chat_completion(),
         match=[
             matchers.header_matcher(
                 {
@@ -96,7 +75,7 @@ def test_sends_correlation_id_and_token(upstream):
             matchers.json_params_matcher(PAYLOAD),
         ],
     )
-    lm.chat_completion(PAYLOAD, correlation_id="cid-1")
+    lm.chat_completion(PAYLOAD)
 
 
 @pytest.mark.parametrize(
@@ -110,14 +89,14 @@ def test_sends_correlation_id_and_token(upstream):
     ids=["missing", "zeros", "not-int", "not-dict"],
 )
 def test_unknown_usage_is_none(client, upstream, usage):
-    upstream.post(CHAT, json=completion(usage=usage))
+    upstream.post(CHAT, json=chat_completion(usage=usage))
     assert client.chat_completion(PAYLOAD).usage is None
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_retries_retryable_status_then_succeeds(client, ordered, sleeps, status):
     ordered.post(CHAT, status=status, json={"error": "busy"})
-    ordered.post(CHAT, json=completion())
+    ordered.post(CHAT, json=chat_completion())
     assert client.chat_completion(PAYLOAD).text == "Hello."
     assert len(sleeps) == 1
 
@@ -154,14 +133,14 @@ def test_gives_up_after_retry_count(client, upstream, sleeps):
 
 def test_honours_retry_after(client, ordered, sleeps):
     ordered.post(CHAT, status=429, headers={"Retry-After": "3"}, json={"error": "x"})
-    ordered.post(CHAT, json=completion())
+    ordered.post(CHAT, json=chat_completion())
     client.chat_completion(PAYLOAD)
     assert sleeps == [3.0]
 
 
 def test_caps_retry_after(client, ordered, sleeps):
     ordered.post(CHAT, status=503, headers={"Retry-After": "3600"}, json={})
-    ordered.post(CHAT, json=completion())
+    ordered.post(CHAT, json=chat_completion())
     client.chat_completion(PAYLOAD)
     assert sleeps == [10.0]
 
@@ -175,7 +154,7 @@ def test_busy_error_keeps_retry_after(client, upstream):
 
 def test_retries_connection_errors(client, ordered, sleeps):
     ordered.post(CHAT, body=requests.ConnectionError("reset by peer"))
-    ordered.post(CHAT, json=completion())
+    ordered.post(CHAT, json=chat_completion())
     assert client.chat_completion(PAYLOAD).text == "Hello."
 
 
@@ -203,7 +182,7 @@ def test_connect_timeout_is_retried_as_connection_error(client, upstream):
 
 def test_every_attempt_has_timeouts(upstream):
     lm = LMStudioClient(BASE, connect_timeout=1.5, read_timeout=7)
-    upstream.post(CHAT, json=completion())
+    upstream.post(CHAT, json=chat_completion())
     seen = {}
 
     original = lm.session.request
@@ -232,7 +211,7 @@ def test_budget_bounds_the_last_attempts_timeout(upstream, monkeypatch):
         return original(*args, **kwargs)
 
     lm.session.request = spy
-    upstream.post(CHAT, json=completion())
+    upstream.post(CHAT, json=chat_completion())
     lm.chat_completion(PAYLOAD)
     assert seen["timeout"] == (1.0, 1.0)
 
@@ -395,7 +374,7 @@ def test_an_answer_over_the_limit_is_refused(upstream, declared):
     client = LMStudioClient(BASE, retries=2, max_response_bytes=4096)
     upstream.post(
         CHAT,
-        body=json.dumps(completion("x" * 5000)),
+        body=json.dumps(chat_completion("x" * 5000)),
         content_type="application/json",
         auto_calculate_content_length=declared,
     )
@@ -417,7 +396,7 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading(monkeypatch)
     with responses.RequestsMock() as mock:
         mock.post(
             CHAT,
-            body=json.dumps(completion("x" * 5000)),
+            body=json.dumps(chat_completion("x" * 5000)),
             content_type="application/json",
             auto_calculate_content_length=True,
         )
@@ -427,7 +406,7 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading(monkeypatch)
 
 
 def test_an_answer_at_the_limit_is_read(upstream):
-    body = json.dumps(completion("x" * 3000))
+    body = json.dumps(chat_completion("x" * 3000))
     client = LMStudioClient(BASE, max_response_bytes=len(body))
     upstream.post(CHAT, body=body, content_type="application/json")
     assert client.chat_completion(PAYLOAD).text == "x" * 3000
@@ -447,10 +426,11 @@ def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
     [("my-request-1", None), ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same")],
 )
 def test_x_request_id_goes_upstream_only_as_a_uuid(
-    client, upstream, correlation_id, request_id
+    upstream, correlation_id, request_id
 ):
-    upstream.post(CHAT, json=completion())
-    client.chat_completion(PAYLOAD, correlation_id=correlation_id)
+    client = LMStudioClient(BASE, correlation_id=lambda: correlation_id)
+    upstream.post(CHAT, json=chat_completion())
+    client.chat_completion(PAYLOAD)
     sent = upstream.calls[0].request.headers
     assert sent["X-Correlation-ID"] == correlation_id
     expected = correlation_id if request_id else None

@@ -61,3 +61,21 @@ def test_readme_documents_the_cache_dir_and_sharing():
     assert "| `LLM_SERVICE_LOCAL_CACHE_DIR` |" in README
     assert "## Sharing it with your team" in README
     assert "plumbing test, not a useful assistant" in README
+
+
+def test_both_settings_tables_are_generated_and_in_sync():
+    from scripts.settings_doc import LOCAL_SETTINGS, table
+
+    assert table() in README
+    assert table(LOCAL_SETTINGS) in README
+
+
+def test_the_bundled_servers_settings_are_its_own():
+    """The dev tool's settings are not the gateway's, but no typo either."""
+    from llm_service.config import OTHER_VARIABLES, SETTINGS
+    from local_backend.settings import SETTINGS as LOCAL_SETTINGS
+
+    service = {setting.name for setting in SETTINGS}
+    for setting in LOCAL_SETTINGS:
+        assert setting.name not in service
+        assert setting.name in OTHER_VARIABLES

@@ -1,4 +1,4 @@
-"""Fast tests for llm_service.local_backend: no llama.cpp build, no real model.
+"""Fast tests for local_backend: no llama.cpp build, no real model.
 
 Model servers are faked with a tiny http.server thread; "installed" packages
 with stub modules on PYTHONPATH.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_service import local_backend as lb
+import local_backend as lb
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -644,7 +644,7 @@ def test_cli_module_probe_runs_as_script(free_port: int) -> None:
         [
             sys.executable,
             "-m",
-            "llm_service.local_backend",
+            "local_backend",
             "--probe",
             f"127.0.0.1:{free_port}",
         ],

@@ -1,10 +1,13 @@
 """POST /llm/message: validation, the upstream payload, the answer."""
 
+import functools
+
 import pytest
 import requests
 from responses import matchers
 
 from tests.conftest import UPSTREAM
+from tests.support.bodies import chat_completion, usage
 
 pytestmark = pytest.mark.mock_llm
 
@@ -13,21 +16,8 @@ MODELS = f"{UPSTREAM}/v1/models"
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
-def completion(model="loaded-model", usage=None, text="Hi there.", finish="stop"):
-    body = {
-        "object": "chat.completion",
-        "model": model,
-        "choices": [
-            {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        ],
-    }
-    if usage is not False:
-        body["usage"] = usage or {
-            "prompt_tokens": 9,
-            "completion_tokens": 3,
-            "total_tokens": 12,
-        }
-    return body
+#: The answer these tests expect: its text and its 9 + 3 tokens.
+completion = functools.partial(chat_completion, text="Hi there.", usage=usage(9, 3))
 
 
 def test_answer_has_the_seed_contract(client, upstream):

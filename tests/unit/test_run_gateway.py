@@ -100,3 +100,19 @@ def test_nothing_listening_starts_the_bundled_model_with_a_warning(
     assert started == [url]
     assert "plumbing test, not a useful assistant" in out
     assert out.index("plumbing test") < out.index("llm-service on http://")
+
+
+def test_local_backend_off_starts_nothing(run_gateway, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_SERVICE_LM_STUDIO_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("LLM_SERVICE_LOCAL_BACKEND", "off")
+    assert run_gateway.main() == 0
+    out, _ = capsys.readouterr()
+    assert "LLM_SERVICE_LOCAL_BACKEND=off" in out
+
+
+def test_a_bad_local_backend_value_is_a_config_error(run_gateway, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_SERVICE_LOCAL_BACKEND", "sometimes")
+    assert run_gateway.main() == run_gateway.EXIT_CONFIG
+    _, err = capsys.readouterr()
+    assert "LLM_SERVICE_LOCAL_BACKEND" in err
+    assert run_gateway.gunicorn_started == []

@@ -99,3 +99,23 @@ def test_event_json_raises_value_error_only(data):
     """Even nesting too deep (a RecursionError) reads as "not JSON"."""
     with pytest.raises(ValueError):  # noqa: PT011 - json's own messages vary
         SSEEvent(data).json()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"data: {}\n\n",
+        b"event: note\ndata: one\ndata: two\n\n",
+        b"id: 7\ndata: x\n\n",
+        b'event: delta\nid: 8\ndata: {"a":\ndata:  1}\n\n',
+    ],
+)
+def test_an_event_encodes_back_to_its_frame(frame):
+    (event,) = SSEParser().feed(frame)
+    assert event.encode() == frame
+    assert SSEParser().feed(event.encode()) == [event]
+
+
+def test_an_id_belongs_to_its_own_event_only():
+    first, second = SSEParser().feed(b"id: 1\ndata: a\n\ndata: b\n\n")
+    assert (first.id, second.id) == ("1", None)

@@ -10,9 +10,11 @@ from llm_service.lmstudio import (
     LMStudioStreamTimeoutError,
     UpstreamStream,
 )
+from tests.support.bodies import chat_chunk
+from tests.support.sse import frame
 
-EVENT = b'data: {"choices":[{"delta":{"content":"' + b"x" * 200 + b'"}}]}\n\n'
-FINAL = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+EVENT = frame(chat_chunk("x" * 200))
+FINAL = frame(chat_chunk(finish="stop")) + frame("[DONE]")
 
 
 class Raw:

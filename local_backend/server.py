@@ -30,8 +30,8 @@ from .common import (
     LocalBackendError,
     PortInUseError,
     ServerStartError,
-    _last_lines,
-    _last_meaningful_line,
+    last_lines,
+    last_meaningful_line,
 )
 
 # --------------------------------------------------------------------------
@@ -348,7 +348,7 @@ class LocalModelServer:
             if not required.exists():
                 raise ServerStartError(
                     f"{what} {required} not found; run "
-                    "`python -m llm_service.local_backend --install-only` first"
+                    "`python -m local_backend --install-only` first"
                 )
         self._launch()
         self._wait_until_ready(timeout)
@@ -383,14 +383,14 @@ class LocalModelServer:
             returncode = self._process.poll()
             if returncode is not None:
                 self._process = None
-                tail = _last_lines(self.log_path)
+                tail = last_lines(self.log_path)
                 error_class: type[LocalBackendError] = ServerStartError
                 if "address already in use" in tail.lower():
                     # Someone took the port between our check and the bind.
                     error_class = PortInUseError
                 raise error_class(
                     f"llama_cpp.server stopped with {describe_exit(returncode)} "
-                    f"during startup: {_last_meaningful_line(tail)} "
+                    f"during startup: {last_meaningful_line(tail)} "
                     f"(log: {self.log_path})",
                     log_path=self.log_path,
                     log_tail=tail,
@@ -403,7 +403,7 @@ class LocalModelServer:
                     f"timed out after {timeout:g}s waiting for "
                     f"{self.url}/v1/models (log: {self.log_path})",
                     log_path=self.log_path,
-                    log_tail=_last_lines(self.log_path),
+                    log_tail=last_lines(self.log_path),
                 )
             time.sleep(0.2)
 

