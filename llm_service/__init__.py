@@ -22,7 +22,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # only) runs in any Python, before the service's dependencies exist.
     from flask import Flask
 
-    from . import config, errors, limits, logs, pipeline, upstream
+    from . import config, errors, limits, logs, metrics, pipeline, tracing, upstream
 
     app = Flask(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
@@ -34,12 +34,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     pipeline.init_app(app)
     errors.init_app(app)
     upstream.init_app(app)
+    metrics.init_app(app)
+    tracing.init_app(app)
 
-    from . import cli, health, message, openai_api, openapi
+    from . import cli, health, message, openai_api, openapi, status
 
     app.register_blueprint(health.bp)
     app.register_blueprint(message.bp)
     app.register_blueprint(openai_api.bp)
+    status.init_app(app)
     openapi.init_app(app)
     cli.init_app(app)
     return app

@@ -5,6 +5,8 @@ It knows HTTP and LM Studio and nothing of Flask, so it can be used alone.
 
 from .chunks import ChatChunk, read_chat_chunk
 from .client import (
+    CallObserver,
+    CallRecord,
     ChatResult,
     HealthReport,
     LMStudioClient,
@@ -39,6 +41,8 @@ from .watchdog import CallScope
 
 __all__ = [
     "CAUSES",
+    "CallObserver",
+    "CallRecord",
     "CallScope",
     "Cause",
     "ChatChunk",

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,8 @@ LOOP_CODE = "upstream_loop"
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
+#: Returns extra headers for each request sent upstream (trace context).
+HeaderHook = Callable[[], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,45 @@ class ChatResult:
     finish_reason: str | None
     usage: Usage | None
     request_id: str | None = None
+
+
+@dataclass
+class CallRecord:
+    """One finished call made for a request (probes are not calls)."""
+
+    path: str
+    #: The model the request named (None when it named none).
+    model: str | None
+    stream: bool
+    #: The whole call: connecting, every attempt and wait; streams: to their end.
+    seconds: float
+    #: Streams: from sending the request to the first event.
+    first_token_seconds: float | None = None
+    usage: Usage | None = None
+    #: Why the call failed; None when it succeeded (or a stream was cancelled).
+    error: LMStudioError | None = None
+    #: The caller went away and the call was cancelled.
+    cancelled: bool = False
+
+
+class CallObserver:
+    """Told about the calls a client makes for requests; the default ignores all.
+
+    The gateway's metrics subclass it. Methods run on the calling thread (a
+    stream's end on whichever thread closes it), must be quick and never raise.
+    """
+
+    def call_started(self, stream: bool) -> None:
+        """A call (or stream) starts: one more in flight."""
+
+    def retrying(self, error: LMStudioError) -> None:
+        """An attempt failed with ``error`` and another one follows."""
+
+    def call_finished(self, call: CallRecord) -> None:
+        """A call ended (a stream: when it closed), with its last error if any."""
+
+    def models_listed(self, models: list[str]) -> None:
+        """The upstream listed these models (a probe, or ``GET /v1/models``)."""
 
 
 @dataclass
@@ -180,6 +221,8 @@ class LMStudioClient:
         max_sse_line_bytes: int = 4 * 1024 * 1024,
         on_attempt: AttemptObserver | None = None,
         via: str | None = None,
+        observer: CallObserver | None = None,
+        extra_headers: HeaderHook | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Largest answer body read; a larger one is refused, never read whole.
@@ -192,6 +235,10 @@ class LMStudioClient:
         self.retry_after_max = retry_after_max
         self.health_timeout = health_timeout
         self._on_attempt = on_attempt
+        #: Told when calls start, fail an attempt, and end (metrics).
+        self.observer = observer
+        #: Headers added to every request sent upstream (trace context).
+        self.extra_headers = extra_headers
         self._flight_lock = threading.Lock()
         self._generations = 0
         self.session = requests.Session()
@@ -228,8 +275,8 @@ class LMStudioClient:
             max_time=self.retry_budget,
             giveup=lambda error: not _is_retryable(error),
             jitter=None,
-            on_backoff=self._log_retry,
-            on_giveup=self._record_attempts,
+            on_backoff=self._on_retry,
+            on_giveup=self._on_giveup,
             logger=None,
         )(attempt)
 
@@ -331,6 +378,10 @@ class LMStudioClient:
         self._track_generation(1)
         scope = scope or CallScope()
         scope.after_send = first_token_timeout
+        observer = self.observer
+        began = time.monotonic()
+        if observer is not None:
+            observer.call_started(True)
         try:
             response = self._open_with_retries(
                 path,
@@ -339,27 +390,41 @@ class LMStudioClient:
                 scope=scope,
                 deadline=time.monotonic() + self.retry_budget,
             )
-        except BaseException:
+        except BaseException as err:
             self._track_generation(-1)
+            if observer is not None:
+                observer.call_finished(
+                    _failed_call(path, payload, True, began, err)
+                )
             raise
         finally:
             scope.finish()
-        return UpstreamStream(
+
+        def closed() -> None:
+            self._track_generation(-1)
+            if observer is not None:
+                observer.call_finished(_stream_call(path, payload, began, stream))
+
+        stream = UpstreamStream(
             response,
             first_token_timeout=first_token_timeout,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
             max_line_bytes=self.max_sse_line_bytes,
-            on_close=lambda: self._track_generation(-1),
+            on_close=closed,
             started=scope.sent_at,
         )
+        return stream
 
     def list_models(
         self, *, correlation_id: str | None = None, scope: CallScope | None = None
     ) -> list[str]:
         """Return the model ids of ``GET /v1/models`` (with retries)."""
         body = self.get_json("/v1/models", correlation_id=correlation_id, scope=scope)
-        return self._model_ids(body)
+        models = self._model_ids(body)
+        if self.observer is not None:
+            self.observer.models_listed(models)
+        return models
 
     def is_lmstudio(self, *, timeout: float | None = None) -> bool:
         """Ask ``/lmstudio-greeting``, which only LM Studio answers; no retries."""
@@ -432,6 +497,8 @@ class LMStudioClient:
             models=models,
             chained=_is_llm_service(response),
         )
+        if self.observer is not None:
+            self.observer.models_listed(models)
         if self.is_lmstudio(timeout=timeout):
             report.server = "lmstudio"
             try:
@@ -462,8 +529,12 @@ class LMStudioClient:
         scope = scope or CallScope()
         deadline = time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
+        observer = self.observer
+        began = time.monotonic()
+        if observer is not None:
+            observer.call_started(False)
         try:
-            return self._call_with_retries(
+            result = self._call_with_retries(
                 method,
                 path,
                 json=json,
@@ -472,8 +543,23 @@ class LMStudioClient:
                 deadline=deadline,
                 observe=True,
             )
+        except BaseException as err:
+            if observer is not None:
+                observer.call_finished(_failed_call(path, json, False, began, err))
+            raise
         finally:
             scope.finish()
+        if observer is not None:
+            observer.call_finished(
+                CallRecord(
+                    path=path,
+                    model=_model_of(json),
+                    stream=False,
+                    seconds=time.monotonic() - began,
+                    usage=parse_usage(result[0].get("usage")),
+                )
+            )
+        return result
 
     def _attempt(
         self,
@@ -597,7 +683,7 @@ class LMStudioClient:
             connect = min(connect, remaining)
             if not stream:
                 read = min(read, remaining)
-        headers = {}
+        headers = dict(self.extra_headers()) if self.extra_headers else {}
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
             # llama-cpp-python's server answers an empty 400 to an X-Request-ID
@@ -836,8 +922,13 @@ class LMStudioClient:
             self._on_attempt(status)
 
     @staticmethod
-    def _record_attempts(details: dict) -> None:
+    def _on_giveup(details: dict) -> None:
         details["exception"].attempts = details["tries"]
+
+    def _on_retry(self, details: dict) -> None:
+        if self.observer is not None:
+            self.observer.retrying(details["exception"])
+        self._log_retry(details)
 
     @staticmethod
     def _log_retry(details: dict) -> None:
@@ -872,6 +963,43 @@ def parse_usage(raw: Any) -> Usage | None:
     if not any(counts):
         return None
     return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
+
+
+def _model_of(payload: Any) -> str | None:
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+def _failed_call(
+    path: str, payload: Any, stream: bool, began: float, error: BaseException
+) -> CallRecord:
+    """The record of a call that raised ``error`` before it could answer."""
+    cancelled = isinstance(error, LMStudioCancelledError)
+    return CallRecord(
+        path=path,
+        model=_model_of(payload),
+        stream=stream,
+        seconds=time.monotonic() - began,
+        error=error if isinstance(error, LMStudioError) and not cancelled else None,
+        cancelled=cancelled,
+    )
+
+
+def _stream_call(
+    path: str, payload: Any, began: float, stream: UpstreamStream
+) -> CallRecord:
+    """The record of a stream that has just closed."""
+    first = stream.first_event_at
+    return CallRecord(
+        path=path,
+        model=_model_of(payload),
+        stream=True,
+        seconds=time.monotonic() - began,
+        first_token_seconds=None if first is None else first - stream.started,
+        usage=parse_usage(stream.usage_data),
+        error=stream.error,
+        cancelled=stream.cancelled,
+    )
 
 
 def describe(error: LMStudioError) -> str:
