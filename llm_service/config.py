@@ -516,7 +516,7 @@ SETTINGS: tuple[Setting, ...] = (
         True,
         _boolean,
         "Count requests and upstream calls for `/metrics` and `/status` "
-        "(README, \"Monitoring\"); `false` turns both off.",
+        '(README, "Monitoring"); `false` turns both off.',
     ),
     Setting(
         "METRICS_BIND",

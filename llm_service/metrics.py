@@ -225,9 +225,7 @@ def metric(name: str) -> Any:
                 # prometheus_client adds ``_total`` itself.
                 made = Counter(full.removesuffix("_total"), spec.help, spec.labels)
             elif spec.kind == "gauge":
-                made = Gauge(
-                    full, spec.help, spec.labels, multiprocess_mode=spec.mode
-                )
+                made = Gauge(full, spec.help, spec.labels, multiprocess_mode=spec.mode)
             else:
                 made = Histogram(full, spec.help, spec.labels, buckets=spec.buckets)
             _created[name] = made

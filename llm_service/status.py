@@ -137,7 +137,7 @@ def _traffic() -> list[dict]:
 
 
 def _ms(seconds: float | None) -> str:
-    return "–" if seconds is None else f"{seconds * 1000:.0f} ms"
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 @bp.get("/status")

@@ -187,9 +187,7 @@ def _instrument(app: Flask, setting: Any) -> Any:
             "`pip install llm-service[tracing]`, or unset it."
         ) from None
 
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "llm-service"})
-    )
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-service"}))
     for exporter in _exporters(setting):
         # A test's exporter sees each span as it ends; others get batches.
         simple = not isinstance(setting, str)

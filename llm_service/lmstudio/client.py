@@ -393,9 +393,7 @@ class LMStudioClient:
         except BaseException as err:
             self._track_generation(-1)
             if observer is not None:
-                observer.call_finished(
-                    _failed_call(path, payload, True, began, err)
-                )
+                observer.call_finished(_failed_call(path, payload, True, began, err))
             raise
         finally:
             scope.finish()
