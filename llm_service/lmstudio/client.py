@@ -379,8 +379,9 @@ class LMStudioClient:
         scope = scope or CallScope()
         scope.after_send = first_token_timeout
         observer = self.observer
-        began = time.monotonic()
+        began = 0.0
         if observer is not None:
+            began = time.monotonic()
             observer.call_started(True)
         try:
             response = self._open_with_retries(
@@ -528,8 +529,9 @@ class LMStudioClient:
         deadline = time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
         observer = self.observer
-        began = time.monotonic()
+        began = 0.0
         if observer is not None:
+            began = time.monotonic()
             observer.call_started(False)
         try:
             result = self._call_with_retries(
