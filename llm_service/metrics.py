@@ -51,15 +51,14 @@ from flask import (
     request,
 )
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     multiprocess,
 )
+from prometheus_client.exposition import choose_encoder
 
 from .lmstudio import CallObserver, CallRecord, LMStudioError
 from .openapi import documented
@@ -405,9 +404,13 @@ def collecting_registry() -> CollectorRegistry:
     return registry
 
 
-def scrape() -> bytes:
-    """The text every worker's metrics sum to now."""
-    return generate_latest(collecting_registry())
+def scrape(accept: str = "") -> tuple[bytes, str]:
+    """Every worker's metrics now, in the format ``accept`` prefers, and its type.
+
+    Prometheus asks for OpenMetrics; anything else gets the classic text format.
+    """
+    encode, content_type = choose_encoder(accept)
+    return encode(collecting_registry()), content_type
 
 
 def on_metrics_listener() -> bool:
@@ -451,7 +454,10 @@ bp = Blueprint("metrics", __name__)
 
 
 @bp.get("/metrics")
-@documented(answers={200: {"text/plain": None}}, errors=("not_found",))
+@documented(
+    answers={200: {"text/plain": None, "application/openmetrics-text": None}},
+    errors=("not_found",),
+)
 def metrics_view():
     """Prometheus metrics of every worker (text exposition format).
 
@@ -460,8 +466,9 @@ def metrics_view():
     """
     monitoring_allowed()
     refresh_upstream_state()
-    response = Response(scrape(), mimetype=CONTENT_TYPE_LATEST.split(";")[0])
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    body, content_type = scrape(request.headers.get("Accept", ""))
+    response = Response(body)
+    response.headers["Content-Type"] = content_type
     return response
 
 
