@@ -33,11 +33,12 @@ keys, usage records) -- they use these without touching this module's code:
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flask import (
@@ -249,27 +250,76 @@ hooks = Hooks()
 class ModelLabels:
     """Bounded label values for model names.
 
-    A name is its own label once a host has listed it (or it is the configured
-    default model); any other name, such as one a caller made up, is
-    ``other``. At most :data:`MAX_MODELS` names are kept per process.
+    A name is its own label once a host has listed it (a health probe, which
+    every scrape of ``/metrics`` makes, or ``hooks.known_models``) or it is the
+    configured default model; any other name, such as one a caller made up, is
+    ``other``. At most :data:`MAX_MODELS` names are kept. Under several workers
+    the names one worker learns are shared with the others through a small
+    file in the metrics directory, read again when it changes.
     """
+
+    FILE = "models.json"
+    #: Least seconds between two looks at the shared file.
+    CHECK_SECONDS = 1.0
 
     def __init__(self) -> None:
         self._known: set[str] = set()
         self._lock = threading.Lock()
+        self._checked_at = 0.0
+        self._seen_mtime = 0.0
+
+    def _path(self) -> str | None:
+        directory = os.environ.get(MULTIPROC_ENV)
+        return os.path.join(directory, self.FILE) if directory else None
 
     def learn(self, models: Iterable[str]) -> None:
         with self._lock:
+            before = len(self._known)
             for model in models:
                 if len(self._known) >= MAX_MODELS:
                     break
                 self._known.add(model)
+            grew = len(self._known) > before
+            known = sorted(self._known)
+        path = self._path()
+        if grew and path:
+            self._reload(path)
+            with self._lock:
+                known = sorted(self._known)
+            temporary = f"{path}.{os.getpid()}"
+            with open(temporary, "w") as file:
+                json.dump(known, file)
+            os.replace(temporary, path)
+
+    def _reload(self, path: str) -> None:
+        """Take in the names other workers learned (when the file changed)."""
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime == self._seen_mtime:
+                return
+            with open(path) as file:
+                names = json.load(file)
+        except (OSError, ValueError):
+            return
+        self._seen_mtime = mtime
+        if isinstance(names, list):
+            with self._lock:
+                for name in names[:MAX_MODELS]:
+                    if isinstance(name, str) and len(self._known) < MAX_MODELS:
+                        self._known.add(name)
 
     def __call__(self, model: str | None) -> str:
         if not model:
             return OTHER_MODEL
         if model in self._known:
             return model
+        path = self._path()
+        now = time.monotonic()
+        if path and now - self._checked_at >= self.CHECK_SECONDS:
+            self._checked_at = now
+            self._reload(path)
+            if model in self._known:
+                return model
         # Whatever a later discovery knows (several hosts) counts too.
         if model in set(hooks.known_models()):
             self.learn([model])
@@ -288,7 +338,11 @@ class _Request:
     upstream_seconds: float = 0.0
     #: Calls started but not yet finished within the request's context.
     pending_calls: int = 0
-    tokens: list[tuple[str, str, int]] = field(default_factory=list)
+    #: A streamed answer: counted when its last byte is sent, not at teardown.
+    streamed: bool = False
+    done: bool = False
+    #: Time spent waiting in the admission queue (``g.queue_seconds``).
+    queue_seconds: float = 0.0
 
 
 class UpstreamObserver(CallObserver):
@@ -358,6 +412,22 @@ def _start() -> None:
     metric("requests_in_flight").inc()
 
 
+def _after(response: Response) -> Response:
+    """Note a streamed answer; count error codes of the others."""
+    state = g.get("metrics")
+    if state is not None and response.is_streamed:
+        # Flask runs teardown when the view returns and again after the
+        # stream; the request is done only when the server closes the body.
+        state.streamed = True
+        state.queue_seconds = g.get("queue_seconds", 0.0)
+        app = current_app._get_current_object()
+        route, method = route_label(), request.method
+        status = response.status_code
+        response.call_on_close(lambda: _done(app, state, route, method, status))
+        return response
+    return _count_error_code(response)
+
+
 def _count_error_code(response: Response) -> Response:
     """Count limit rejections and failed authentications by their error code."""
     if response.status_code < 400 or not response.is_json:
@@ -373,25 +443,39 @@ def _count_error_code(response: Response) -> Response:
 
 
 def _finish(_error: BaseException | None) -> None:
-    state = g.pop("metrics", None)
-    if state is None:
+    state = g.get("metrics")
+    if state is None or state.streamed:
         return
+    g.pop("metrics")
+    state.queue_seconds = g.get("queue_seconds", 0.0)
+    _done(
+        current_app._get_current_object(),
+        state,
+        route_label(),
+        request.method,
+        g.get("response_status", 500),
+    )
+
+
+def _done(app: Flask, state: _Request, route: str, method: str, status: int) -> None:
+    """Count a finished request (maybe outside its context: a stream's end)."""
+    if state.done:
+        return
+    state.done = True
     elapsed = time.perf_counter() - state.started
     metric("requests_in_flight").dec()
-    status = g.get("response_status", 500)
-    route = route_label()
     metric("requests_total").labels(
-        route=route, method=request.method, status_class=f"{status // 100}xx"
+        route=route, method=method, status_class=f"{status // 100}xx"
     ).inc()
     metric("request_duration_seconds").labels(route=route).observe(elapsed)
     if state.pending_calls == 0:
         # A stream cancelled from another thread is not timed here: its
         # upstream time is unknown to this request.
-        waited = state.upstream_seconds + g.get("queue_seconds", 0.0)
+        waited = state.upstream_seconds + state.queue_seconds
         metric("gateway_overhead_seconds").labels(route=route).observe(
             max(0.0, elapsed - waited)
         )
-    current_app.extensions[EXTENSION].window.record(elapsed, status >= 500)
+    app.extensions[EXTENSION].window.record(elapsed, status >= 500)
 
 
 def collecting_registry() -> CollectorRegistry:
@@ -519,6 +603,6 @@ def init_app(app: Flask) -> None:
     first = app.before_request_funcs.setdefault(None, [])
     first.insert(0, _only_monitoring_on_metrics_listener)
     first.insert(0, _start)
-    app.after_request(_count_error_code)
+    app.after_request(_after)
     app.teardown_request(_finish)
     app.register_blueprint(bp)

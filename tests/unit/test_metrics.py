@@ -40,8 +40,12 @@ def host_of(app) -> str:
 
 def test_requests_are_counted_by_route_template_and_status_class(gateway):
     client = gateway.test_client()
-    before = value("requests_total", route="/docs/<name>", method="GET", status_class="4xx")
-    unmatched = value("requests_total", route="unmatched", method="GET", status_class="4xx")
+    before = value(
+        "requests_total", route="/docs/<name>", method="GET", status_class="4xx"
+    )
+    unmatched = value(
+        "requests_total", route="unmatched", method="GET", status_class="4xx"
+    )
     client.get("/docs/not-an-asset")
     client.get("/no/such/path/12345")
     client.get("/another/raw/path")
@@ -63,7 +67,9 @@ def test_a_generation_feeds_the_upstream_and_token_metrics(gateway, fake):
     host = host_of(gateway)
     labels = {"host": host, "model": "loaded-model", "stream": "false"}
     calls = value("upstream_request_duration_seconds_count", **labels)
-    prompt = value("tokens_total", model="loaded-model", direction="prompt", key="anonymous")
+    prompt = value(
+        "tokens_total", model="loaded-model", direction="prompt", key="anonymous"
+    )
     overhead = value("gateway_overhead_seconds_count", route="/v1/chat/completions")
     answer = client.post("/v1/chat/completions", json=CHAT)
     assert answer.status_code == 200
@@ -118,6 +124,29 @@ def test_a_stream_records_its_time_to_first_token(gateway, fake):
         value("upstream_time_to_first_token_seconds_bucket", le="0.25", **labels)
         == slow
     )
+
+
+def test_a_stream_is_counted_once_when_its_last_byte_is_sent(gateway, fake):
+    """Flask tears a streamed request down twice: it must count once, at the end."""
+    client = gateway.test_client()
+    route = "/v1/chat/completions"
+    ok = {"route": route, "method": "POST", "status_class": "2xx"}
+    before = value("requests_total", **ok)
+    overhead = value("gateway_overhead_seconds_count", route=route)
+    fake.stream_interval = 0.05
+    try:
+        answer = client.post(route, json={**CHAT, "stream": True}, buffered=False)
+        assert value("requests_in_flight") == 1  # headers sent, stream going on
+        assert value("requests_total", **ok) == before
+        assert b"[DONE]" in answer.get_data()
+        answer.close()
+    finally:
+        fake.stream_interval = 0.0
+    assert value("requests_total", **ok) == before + 1
+    assert value("gateway_overhead_seconds_count", route=route) == overhead + 1
+    assert value("requests_in_flight") == 0
+    # The stream's time counts as the request's duration, not as overhead.
+    assert value("request_duration_seconds_sum", route=route) > 0
 
 
 def test_model_names_a_caller_invents_collapse_to_other(gateway, fake):
@@ -231,7 +260,8 @@ def test_the_window_sums_recent_slots_only():
     assert (last_minute.requests, last_minute.errors) == (2, 1)
     five = window.summary(300, now)
     assert five.requests == 3
-    assert five.latency_p50 is not None and 0.1 < five.latency_p50 <= 0.25
+    assert five.latency_p50 is not None
+    assert 0.1 < five.latency_p50 <= 0.25
     assert 1.0 < five.latency_p95 <= 2.5
     assert five.rate == pytest.approx(3 / five.seconds)
     # A slot reused a lap later starts from zero.

@@ -76,9 +76,7 @@ def test_a_request_without_a_trace_starts_one(gateway, fake):
     assert "tracestate" not in fake.requests[-1].headers
 
 
-@pytest.mark.parametrize(
-    "state", ["a=1\r\nx: y", "k=" + "v" * 600, "caf\u00e9=1"]
-)
+@pytest.mark.parametrize("state", ["a=1\r\nx: y", "k=" + "v" * 600, "caf\u00e9=1"])
 def test_an_invalid_tracestate_is_dropped(gateway, fake, state):
     headers = {"traceparent": TRACEPARENT}
     environ = {"HTTP_TRACESTATE": state}
