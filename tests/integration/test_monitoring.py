@@ -23,7 +23,10 @@ def test_a_metrics_address_serves_monitoring_and_only_it(fake):
         # The API is not on the metrics address...
         assert requests.get(f"{side}/health/live", timeout=5).status_code == 404
         assert (
-            requests.post(f"{side}/v1/chat/completions", json=CHAT).status_code == 404
+            requests.post(
+                f"{side}/v1/chat/completions", json=CHAT, timeout=5
+            ).status_code
+            == 404
         )
         # ...and monitoring is no longer on the main one.
         assert requests.get(f"{gateway.url}/metrics", timeout=5).status_code == 404
