@@ -4,9 +4,8 @@
 # Chromium, for the browser tests of /docs and /status (tests/browser), Redis,
 # for the shared rate-limit test (tests/integration/test_redis_limits.py), and
 # Prometheus, which scrapes the gateway in tests/integration/test_prometheus.py.
-# The
-# script is idempotent: it runs `apt-get update` and `apt-get install` only when
-# a package is missing, says what it does, and uses sudo only when not root.
+# The script is idempotent: it runs `apt-get update` and `apt-get install` only
+# when a package is missing, says what it does, and uses sudo only when not root.
 set -euo pipefail
 
 # package name -> a file that proves it is installed
