@@ -12,7 +12,9 @@ pointing at Redis, ``GUNICORN_WORKERS`` can grow.
 
 import os
 import resource
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from llm_service.config import ConfigError, load_env_file, server_settings
@@ -33,6 +35,20 @@ def _env(name: str, default: str) -> str:
 
 
 bind = _env("BIND", "127.0.0.1:8000")  # loopback unless configured
+if _settings["METRICS_BIND"]:
+    # A second listener, for /metrics and /status only (llm_service/metrics.py).
+    bind = [bind, _settings["METRICS_BIND"]]
+
+# Metrics of every worker: prometheus_client's multiprocess mode keeps each
+# worker's values in files of this directory, and /metrics sums them. Unless
+# one is given, each run makes its own (set before any worker imports
+# prometheus_client) and removes it on exit.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_OWNED_MARK = ".made-by-llm-service"
+if _settings["METRICS"] and not os.environ.get(MULTIPROC_ENV):
+    _metrics_dir = tempfile.mkdtemp(prefix="llm-service-metrics-")
+    Path(_metrics_dir, _OWNED_MARK).touch()
+    os.environ[MULTIPROC_ENV] = _metrics_dir
 # gthread whose event loop gathers each request's head, closing connections
 # slower than LLM_SERVICE_CLIENT_HEADER_TIMEOUT, so slow clients hold no thread
 # (see llm_service/server.py for why this design). GUNICORN_WORKER_CLASS=gthread
@@ -83,3 +99,18 @@ def on_starting(server):
     wanted = min(hard, max(soft, 4 * worker_connections + 64))
     if wanted > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (in flight) from the sums."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove this run's metrics directory (never one that was given)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory and Path(directory, _OWNED_MARK).exists():
+        shutil.rmtree(directory, ignore_errors=True)

@@ -17,7 +17,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ``LLM_SERVICE_*`` environment, then ``test_config``; they are checked once
     here and a bad one raises :class:`~llm_service.config.ConfigError`.
     """
-    from . import config, errors, limits, logs, pipeline, upstreams
+    from . import config, errors, limits, logs, metrics, pipeline, tracing, upstreams
 
     app = Flask(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
@@ -29,12 +29,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     pipeline.init_app(app)
     errors.init_app(app)
     upstreams.init_app(app)
+    metrics.init_app(app)
+    tracing.init_app(app)
 
-    from . import cli, health, message, openai_api, openapi
+    from . import cli, health, message, openai_api, openapi, status
 
     app.register_blueprint(health.bp)
     app.register_blueprint(message.bp)
     app.register_blueprint(openai_api.bp)
+    status.init_app(app)
     openapi.init_app(app)
     cli.init_app(app)
     return app

@@ -293,6 +293,25 @@ def _networks(name: str, value: Any) -> list[str]:
     return networks
 
 
+def _loopback_bind(name: str, value: Any) -> str | None:
+    """Parse ``host:port`` on a loopback address (``127.0.0.1:9464``)."""
+    text = _optional_text(name, value)
+    if text is None:
+        return None
+    expected = "a loopback host:port such as 127.0.0.1:9464"
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise _fail(name, value, expected)
+    if host != "localhost":
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise _fail(name, value, expected)
+        except ValueError:
+            raise _fail(name, value, expected) from None
+    return text
+
+
 def _host_list(name: str, value: Any) -> list[str] | None:
     """Parse host names, lower-cased: the Host header is compared case-blind."""
     items = _string_list(name, value)
@@ -486,6 +505,21 @@ SETTINGS: tuple[Setting, ...] = (
         '(`["10.0.0.5", "10.1.0.0/16"]`; `"unix"` for a Unix socket). '
         "`X-Forwarded-*` from any other peer is ignored.",
     ),
+    Setting(
+        "METRICS",
+        True,
+        _boolean,
+        "Count requests and upstream calls for `/metrics` and `/status` "
+        '(README, "Monitoring"); `false` turns both off.',
+    ),
+    Setting(
+        "METRICS_BIND",
+        None,
+        _loopback_bind,
+        "A loopback `host:port` (`127.0.0.1:9464`) where gunicorn also listens "
+        "and where `/metrics` and `/status` are then served, instead of on the "
+        "main address.",
+    ),
 )
 
 
@@ -499,6 +533,9 @@ def read_layers(config: Any, test_config: Mapping[str, Any] | None = None) -> No
     if test_config is None:
         config.from_pyfile("config.py", silent=True)
     config.from_prefixed_env(ENV_PREFIX)
+    # OpenTelemetry's own switch, under its standard name (llm_service/tracing.py).
+    if "OTEL_TRACES_EXPORTER" in os.environ:
+        config["OTEL_TRACES_EXPORTER"] = os.environ["OTEL_TRACES_EXPORTER"]
     if test_config is not None:
         config.from_mapping(test_config)
     load_settings(config)

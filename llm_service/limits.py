@@ -33,7 +33,7 @@ EXPOSED_HEADERS = [
 ]
 #: Blueprints whose routes are never rate limited: monitoring must always work,
 #: and the API's documentation costs nothing to serve.
-UNLIMITED_BLUEPRINTS = frozenset({"health", "docs"})
+UNLIMITED_BLUEPRINTS = frozenset({"health", "docs", "monitoring"})
 #: The methods some route accepts (HEAD with every GET): CORS advertises no other.
 CORS_METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
 #: Longest wait, in seconds, for the shared limit store to connect or answer;

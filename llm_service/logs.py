@@ -71,12 +71,20 @@ class Redactor:
 
 
 class CorrelationIdFilter(logging.Filter):
-    """Add ``correlation_id`` to every record (``-`` outside a request)."""
+    """Add ``correlation_id`` to every record (``-`` outside a request).
+
+    Inside a request, also its W3C trace context (``trace_id``, ``span_id``:
+    see :mod:`.tracing`).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         correlation_id = "-"
         if has_request_context():
             correlation_id = g.get("correlation_id", "-")
+            trace = g.get("trace")
+            if trace is not None:
+                record.trace_id = trace.trace_id
+                record.span_id = trace.span_id
         record.correlation_id = correlation_id
         return True
 

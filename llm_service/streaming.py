@@ -32,6 +32,7 @@ from flask import Response, current_app, request, stream_with_context
 
 from .errors import describe_failure, error_body, log_failure
 from .lifecycle import ShuttingDownError, drain
+from .lmstudio.errors import LMStudioError
 from .lmstudio.sse import SSEEvent
 from .lmstudio.stream import UpstreamStream
 from .upstreams import disconnects
@@ -119,6 +120,8 @@ def relay(
             )
         raise
     except Exception as err:  # upstream failures, and bugs: the stream still ends
+        if isinstance(err, LMStudioError) and upstream.error is None:
+            upstream.error = err  # e.g. a malformed chunk: the call's record says so
         failure = describe_failure(err)
         log_failure(err, failure)
         yield bounded(error_event(error_body(failure)))

@@ -16,7 +16,13 @@ from .chunks import (
     read_chat_completion,
     read_text_completion,
 )
-from .client import HealthReport, LMStudioClient, describe
+from .client import (
+    CallObserver,
+    CallRecord,
+    HealthReport,
+    LMStudioClient,
+    describe,
+)
 from .diagnosis import CAUSES, Cause, cause_of, explain
 from .errors import (
     LMStudioAuthError,
@@ -44,6 +50,8 @@ from .watchdog import CallScope
 
 __all__ = [
     "CAUSES",
+    "CallObserver",
+    "CallRecord",
     "CallScope",
     "Cause",
     "ChatChunk",

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import backoff
 import requests
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
-from .chunks import BODY_EXCERPT, ChatResult, read_chat_completion
+from .chunks import BODY_EXCERPT, ChatResult, Usage, parse_usage, read_chat_completion
 from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
@@ -61,6 +61,47 @@ LOOP_CODE = "upstream_loop"
 AttemptObserver = Callable[[int | None], None]
 #: Returns the correlation ID to send with a call (None: send none).
 CorrelationSource = Callable[[], str | None]
+#: Returns extra headers for each request sent upstream (trace context).
+HeaderHook = Callable[[], Mapping[str, str]]
+
+
+@dataclass
+class CallRecord:
+    """One finished call made for a request (probes are not calls)."""
+
+    path: str
+    #: The model the request named (None when it named none).
+    model: str | None
+    stream: bool
+    #: The whole call: connecting, every attempt and wait; streams: to their end.
+    seconds: float
+    #: Streams: from sending the request to the first event.
+    first_token_seconds: float | None = None
+    usage: Usage | None = None
+    #: Why the call failed; None when it succeeded (or a stream was cancelled).
+    error: LMStudioError | None = None
+    #: The caller went away and the call was cancelled.
+    cancelled: bool = False
+
+
+class CallObserver:
+    """Told about the calls a client makes for requests; the default ignores all.
+
+    The gateway's metrics subclass it. Methods run on the calling thread (a
+    stream's end on whichever thread closes it), must be quick and never raise.
+    """
+
+    def call_started(self, stream: bool) -> None:
+        """A call (or stream) starts: one more in flight."""
+
+    def retrying(self, error: LMStudioError) -> None:
+        """An attempt failed with ``error`` and another one follows."""
+
+    def call_finished(self, call: CallRecord) -> None:
+        """A call ended (a stream: when it closed), with its last error if any."""
+
+    def models_listed(self, models: list[str]) -> None:
+        """The upstream listed these models (a probe, or ``GET /v1/models``)."""
 
 
 @dataclass
@@ -169,6 +210,8 @@ class LMStudioClient:
         correlation_id: CorrelationSource | None = None,
         via: str | None = None,
         sleep: Callable[[float], None] | None = None,
+        observer: CallObserver | None = None,
+        extra_headers: HeaderHook | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Largest answer body read; a larger one is refused, never read whole.
@@ -184,6 +227,10 @@ class LMStudioClient:
         self._correlation_id = correlation_id
         if sleep is not None:
             self.sleep = sleep
+        #: Told when calls start, fail an attempt, and end (metrics).
+        self.observer = observer
+        #: Headers added to every request sent upstream (trace context).
+        self.extra_headers = extra_headers
         self._flight_lock = threading.Lock()
         self._generations = 0
         self.session = requests.Session()
@@ -299,6 +346,11 @@ class LMStudioClient:
         self._track_generation(1)
         scope = scope or CallScope()
         scope.after_send = first_token_timeout
+        observer = self.observer
+        began = 0.0
+        if observer is not None:
+            began = time.monotonic()
+            observer.call_started(True)
         try:
             response = self._open_with_retries(
                 path,
@@ -307,25 +359,37 @@ class LMStudioClient:
                 scope=scope,
                 deadline=time.monotonic() + self.retry_budget,
             )
-        except BaseException:
+        except BaseException as err:
             self._track_generation(-1)
+            if observer is not None:
+                observer.call_finished(_failed_call(path, payload, True, began, err))
             raise
         finally:
             scope.finish()
-        return UpstreamStream(
+
+        def closed() -> None:
+            self._track_generation(-1)
+            if observer is not None:
+                observer.call_finished(_stream_call(path, payload, began, stream))
+
+        stream = UpstreamStream(
             response,
             first_token_timeout=first_token_timeout,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
             max_line_bytes=self.max_sse_line_bytes,
-            on_close=lambda: self._track_generation(-1),
+            on_close=closed,
             started=scope.sent_at,
         )
+        return stream
 
     def list_models(self, *, scope: CallScope | None = None) -> list[str]:
         """Return the model ids of ``GET /v1/models`` (with retries)."""
         body = self.get_json("/v1/models", scope=scope)
-        return self._model_ids(body)
+        models = self._model_ids(body)
+        if self.observer is not None:
+            self.observer.models_listed(models)
+        return models
 
     def is_lmstudio(self, *, timeout: float | None = None) -> bool:
         """Ask ``/lmstudio-greeting``, which only LM Studio answers; no retries."""
@@ -398,6 +462,8 @@ class LMStudioClient:
             models=models,
             chained=_is_llm_service(response),
         )
+        if self.observer is not None:
+            self.observer.models_listed(models)
         if self.is_lmstudio(timeout=timeout):
             report.server = "lmstudio"
             try:
@@ -431,8 +497,13 @@ class LMStudioClient:
         scope = scope or CallScope()
         deadline = time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
+        observer = self.observer
+        began = 0.0
+        if observer is not None:
+            began = time.monotonic()
+            observer.call_started(False)
         try:
-            return self._call_with_retries(
+            result = self._call_with_retries(
                 method,
                 path,
                 json=json,
@@ -441,8 +512,23 @@ class LMStudioClient:
                 deadline=deadline,
                 observe=True,
             )
+        except BaseException as err:
+            if observer is not None:
+                observer.call_finished(_failed_call(path, json, False, began, err))
+            raise
         finally:
             scope.finish()
+        if observer is not None:
+            observer.call_finished(
+                CallRecord(
+                    path=path,
+                    model=_model_of(json),
+                    stream=False,
+                    seconds=time.monotonic() - began,
+                    usage=parse_usage(result[0].get("usage")),
+                )
+            )
+        return result
 
     def _current_correlation_id(self) -> str | None:
         return self._correlation_id() if self._correlation_id else None
@@ -569,7 +655,7 @@ class LMStudioClient:
             connect = min(connect, remaining)
             if not stream:
                 read = min(read, remaining)
-        headers = {}
+        headers = dict(self.extra_headers()) if self.extra_headers else {}
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
             # llama-cpp-python's server answers an empty 400 to an X-Request-ID
@@ -813,6 +899,8 @@ class LMStudioClient:
 
     def _wait_before_retry(self, details: dict) -> None:
         """Log the failed attempt and wait (never past the retry budget)."""
+        if self.observer is not None:
+            self.observer.retrying(details["exception"])
         error = details["exception"]
         wait = _retry_wait(error, attempt=details["tries"] - 1)
         wait = max(0.0, min(wait, self.retry_budget - details["elapsed"]))
@@ -834,6 +922,43 @@ class LMStudioClient:
         if not isinstance(data, list):
             raise LMStudioProtocolError("/v1/models answered without a data list.")
         return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+
+
+def _model_of(payload: Any) -> str | None:
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+def _failed_call(
+    path: str, payload: Any, stream: bool, began: float, error: BaseException
+) -> CallRecord:
+    """The record of a call that raised ``error`` before it could answer."""
+    cancelled = isinstance(error, LMStudioCancelledError)
+    return CallRecord(
+        path=path,
+        model=_model_of(payload),
+        stream=stream,
+        seconds=time.monotonic() - began,
+        error=error if isinstance(error, LMStudioError) and not cancelled else None,
+        cancelled=cancelled,
+    )
+
+
+def _stream_call(
+    path: str, payload: Any, began: float, stream: UpstreamStream
+) -> CallRecord:
+    """The record of a stream that has just closed."""
+    first = stream.first_event_at
+    return CallRecord(
+        path=path,
+        model=_model_of(payload),
+        stream=True,
+        seconds=time.monotonic() - began,
+        first_token_seconds=None if first is None else first - stream.started,
+        usage=parse_usage(stream.usage_data),
+        error=stream.error,
+        cancelled=stream.cancelled,
+    )
 
 
 def describe(error: LMStudioError) -> str:

@@ -133,6 +133,12 @@ class UpstreamStream:
         self.total_deadline = self.started + total_timeout
         self.max_line_bytes = max_line_bytes
         self.saw_finish = False
+        #: When the first event reached the consumer (``time.monotonic``).
+        self.first_event_at: float | None = None
+        #: The ``usage`` object of the chunk that carried one, as sent.
+        self.usage_data: object = None
+        #: The failure that ended :meth:`events`, if one did.
+        self.error: LMStudioError | None = None
         #: True once :meth:`cancel` was called (the consumer went away).
         self.cancelled = False
         self._events = _Buffer(buffer_bytes)
@@ -194,7 +200,12 @@ class UpstreamStream:
                 if item.is_done:
                     return
                 self._check(item)
+                if self.first_event_at is None:
+                    self.first_event_at = time.monotonic()
                 yield item
+        except LMStudioError as err:
+            self.error = err
+            raise
         finally:
             self.close()
 
@@ -225,6 +236,12 @@ class UpstreamStream:
             raise LMStudioStreamError(safe_excerpt(message), request_id=self.request_id)
         if not self.saw_finish and finishes(event):
             self.saw_finish = True
+        if '"prompt_tokens"' in event.data:
+            # The chunk with the token counts (usually the last): parsed once.
+            with contextlib.suppress(ValueError):
+                payload = event.json()
+                if isinstance(payload, dict) and payload.get("usage"):
+                    self.usage_data = payload["usage"]
 
     def _timeout(self, kind: str) -> LMStudioStreamTimeoutError:
         messages = {

@@ -7,13 +7,18 @@ upstream (a hook of the client), and keeps its own health cache. Only this
 package imports :mod:`llm_service.lmstudio.client`.
 """
 
+from ..lmstudio.client import CallObserver, CallRecord
+from ..lmstudio.errors import LMStudioError
 from .hangups import DisconnectWatcher, disconnects, hangup_scope
 from .pool import EXTENSION, HealthReport, Upstream, get_upstream, init_app
 
 __all__ = [
     "EXTENSION",
+    "CallObserver",
+    "CallRecord",
     "DisconnectWatcher",
     "HealthReport",
+    "LMStudioError",
     "Upstream",
     "disconnects",
     "get_upstream",

@@ -16,13 +16,13 @@ import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import Flask, current_app, g, has_request_context, request
 
 from ..lmstudio.chunks import ChatResult
-from ..lmstudio.client import HealthReport, LMStudioClient
+from ..lmstudio.client import CallObserver, HealthReport, LMStudioClient
 from ..lmstudio.errors import LMStudioLoopError, NoModelLoadedError
 from ..lmstudio.stream import UpstreamStream
 from ..pipeline import correlation_id
@@ -60,6 +60,16 @@ class Upstream:
     def sends_token(self) -> bool:
         """True when the gateway sends the upstream an API token."""
         return self._client.sends_token
+
+    # -- what other concerns attach (metrics, tracing) -------------------------
+
+    def observe_calls(self, observer: CallObserver) -> None:
+        """Tell ``observer`` about every call made for a request (metrics)."""
+        self._client.observer = observer
+
+    def send_headers(self, hook: Callable[[], Mapping[str, str]]) -> None:
+        """Add the headers ``hook`` returns to every request sent upstream."""
+        self._client.extra_headers = hook
 
     # -- requests ------------------------------------------------------------
 

@@ -2,11 +2,13 @@
 
 import os
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
 
 CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
+MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @pytest.fixture
@@ -16,12 +18,23 @@ def settings(monkeypatch):
         if name.startswith("GUNICORN_"):
             monkeypatch.delenv(name)
 
+    # Loading the file sets PROMETHEUS_MULTIPROC_DIR (and makes that folder)
+    # for the metrics: undone after the test, or later tests' apps would read
+    # their metrics from a folder that is gone.
+    monkeypatch.setenv(MULTIPROC, "")
+    monkeypatch.delenv(MULTIPROC)
+    made = []
+
     def load(**env):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        return runpy.run_path(str(CONF))
+        conf = runpy.run_path(str(CONF))
+        made.append(os.environ.pop(MULTIPROC, None))
+        return conf
 
-    return load
+    yield load
+    for folder in filter(None, made):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_binds_to_loopback_by_default(settings):
