@@ -41,7 +41,7 @@ run-dev: $(STAMP) ## flask development server with reload and debug
 	@LLM_SERVICE_DEBUG=true LLM_SERVICE_LOG_FORMAT=text \
 		$(BIN)/flask --debug run --host $(HOST) --port $(PORT) --reload
 
-test: $(STAMP) system-packages model-server-install ## every test (unit, integration, browser, fuzz, live); installs Chromium, Redis, the bundled model
+test: $(STAMP) system-packages model-server-install ## every test (unit, integration, browser, fuzz, live); installs Chromium, Redis, Prometheus, the bundled model
 	@$(BIN)/pytest tests $(PYTEST_ARGS)
 
 # The live tests use the configured upstream when it answers, else the bundled
@@ -56,7 +56,7 @@ model-server-install: $(STAMP)
 		$(PY) -m local_backend --install-only; \
 	fi
 
-system-packages: ## install the Debian packages the tests need (Chromium, Redis)
+system-packages: ## install the Debian packages the tests need (Chromium, Redis, Prometheus)
 	@bash scripts/install-system-packages.sh
 
 test-unit: $(STAMP) ## unit tests (upstream mocked with responses)

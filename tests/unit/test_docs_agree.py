@@ -46,7 +46,7 @@ def test_readme_says_what_make_test_runs_and_installs(make_help):
     for part in ("unit", "integration", "browser", "fuzz", "live"):
         assert part in _help_line(make_help, "test")
         assert part in row
-    for installed in ("Chromium", "Redis"):
+    for installed in ("Chromium", "Redis", "Prometheus"):
         assert installed in _help_line(make_help, "test")
         assert installed in row
 
