@@ -93,7 +93,7 @@ class StopAbandonedGenerations:
             return
         generation = Generation(asyncio.get_running_loop())
         token = _generation.set(generation)
-        watcher = asyncio.ensure_future(self._watch(receive, generation))
+        watcher = asyncio.create_task(self._watch(receive, generation))
         try:
             await self.app(scope, receive, send)
         finally:
