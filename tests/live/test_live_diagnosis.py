@@ -1,11 +1,14 @@
 """A newcomer's first hour against the real model server (issue 10).
 
 The README's own example, verbatim; what the bundled llama.cpp server cannot
-do (embeddings), relayed in its own words; and a busy server that is not down.
+do (embeddings), relayed in its own words; a busy server that is not down; and
+the bundled server stopping a non-streamed generation whose client left.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -86,3 +89,55 @@ def test_health_is_not_503_while_a_generation_runs(live_gateway, bundled):
     assert ready.status_code == 200, ready.text
     if still_generating:
         assert health.json()["status"] == "busy"
+
+
+#: A prompt the bundled model answers at temperature 0 by repeating itself
+#: until max_tokens: a generation that would run ~30 s if nothing stopped it.
+ENDLESS = {
+    "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "Name three colors."}]
+    },
+    "/v1/completions": {"prompt": "Name three colors."},
+}
+
+
+@pytest.mark.parametrize("path", list(ENDLESS))
+def test_bundled_server_stops_a_generation_whose_client_left(bundled, path):
+    """Straight to the bundled server: a non-streamed request whose client
+    hangs up frees it within a token or two (llama-cpp-python alone runs the
+    generation to its end, and the next request waited ~15-30 s)."""
+    payload = json.dumps(
+        {**ENDLESS[path], "max_tokens": 600, "temperature": 0, "seed": 1}
+    ).encode()
+    address = (bundled.process.host, bundled.process.port)
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}"
+            "\r\n\r\n".encode()
+            + payload
+        )
+        time.sleep(1.5)  # the generation is under way
+    left = time.monotonic()
+    response = requests.post(
+        f"{bundled.url}{path}",
+        json={**ENDLESS[path], "max_tokens": 1, "temperature": 0},
+        timeout=120,
+    )
+    waited = time.monotonic() - left
+    assert response.status_code == 200, response.text
+    assert waited < 3, f"the next request waited {waited:.2f} s"
+
+
+@pytest.mark.parametrize("path", list(ENDLESS))
+def test_bundled_server_answers_in_full_when_the_client_stays(bundled, path):
+    """What stops an abandoned generation never cuts one short."""
+    response = requests.post(
+        f"{bundled.url}{path}",
+        json={**ENDLESS[path], "max_tokens": 40, "temperature": 0, "seed": 1},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 40
+    assert body["choices"][0]["finish_reason"] == "length"

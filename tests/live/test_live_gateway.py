@@ -178,9 +178,9 @@ def test_hanging_up_a_non_streamed_request_stops_generation(live_gateway):
     """A client that leaves a non-streamed call frees the model server too.
 
     The gateway closes the upstream connection when the client hangs up. LM
-    Studio and llama.cpp's llama-server stop generating then; llama-cpp-python's
-    server runs a non-streamed generation to its end whatever happens to the
-    connection, so there this test shows that limit of the upstream.
+    Studio, llama.cpp's llama-server and the bundled server stop generating
+    then (a plain llama-cpp-python server would run on to the end: the bundled
+    one runs through local_backend/serve.py for this).
     """
     payload = json.dumps(
         {

@@ -298,7 +298,11 @@ def test_server_refuses_non_loopback_host() -> None:
 def test_server_command_line(cache_dir: Path) -> None:
     server = lb.LocalModelServer(port=4321, threads=2)
     command = server.command()
-    assert command[:3] == [str(server.python), "-m", "llama_cpp.server"]
+    # llama_cpp.server through our wrapper, run by path: the venv's
+    # interpreter cannot import the local_backend package.
+    assert command[:2] == [str(server.python), str(lb.server.SERVE_SCRIPT)]
+    assert lb.server.SERVE_SCRIPT == REPO_ROOT / "local_backend" / "serve.py"
+    assert lb.server.SERVE_SCRIPT.is_file()
 
     def option(name: str) -> str:
         return command[command.index(name) + 1]
@@ -311,6 +315,134 @@ def test_server_command_line(cache_dir: Path) -> None:
     assert option("--n_ctx") == "2048"
     assert option("--n_threads") == "2"
     assert option("--interrupt_requests") == "false"
+
+
+# serve.py runs in the bundled venv, never in this interpreter: these tests
+# run it as a script against a stand-in llama_cpp whose "generation" makes
+# TOKENS steps of 10 ms and asks its stopping criteria after each step.
+_STUB_LLAMA_CPP = """\
+import time
+
+TOKENS = 100
+
+
+class StoppingCriteriaList(list):
+    def __call__(self, input_ids, logits):
+        return any(criterion(input_ids, logits) for criterion in self)
+
+
+class Llama:
+    def create_completion(self, prompt, stream=False, stopping_criteria=None):
+        tokens = 0
+        while tokens < TOKENS:
+            time.sleep(0.01)
+            tokens += 1
+            if stopping_criteria is not None and stopping_criteria(None, None):
+                break
+        return {"tokens": tokens, "criteria": stopping_criteria is not None}
+"""
+
+# llama_cpp.server.__main__ stand-in: create_app() is a small ASGI app that
+# reads the body and generates in a worker thread (with the request's
+# context, as Starlette's run_in_threadpool does); main() sends it requests
+# whose client leaves after 0.1 s or stays, and prints what it answered.
+_STUB_SERVER_MAIN = """\
+import asyncio, json, sys
+import llama_cpp
+
+
+def create_app():
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        message = await receive()
+        kwargs = json.loads(message["body"])
+        answer = await asyncio.to_thread(llama_cpp.Llama().create_completion, **kwargs)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+    return app
+
+
+async def request(app, stream, leaves):
+    body = json.dumps({"prompt": "x", "stream": stream}).encode()
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await gone.wait()  # like uvicorn: nothing more until the client leaves
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    if leaves:
+        asyncio.get_running_loop().call_later(0.1, gone.set)
+    await app({"type": "http", "method": "POST", "path": "/"}, receive, send)
+    return json.loads(sent[-1]["body"])
+
+
+async def scenarios():
+    app = create_app()
+    await app({"type": "lifespan"}, None, None)
+    return {
+        f"stream={stream} leaves={leaves}": await request(app, stream, leaves)
+        for stream in (False, True)
+        for leaves in (True, False)
+    }
+
+
+def main():
+    answers = asyncio.run(scenarios())
+    print(json.dumps({"argv": sys.argv[1:], "path": sys.path, **answers}))
+"""
+
+
+@pytest.fixture(scope="module")
+def serve_script_answers(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What serve.py, run as the server, answered to main()'s requests."""
+    stub_root = tmp_path_factory.mktemp("stub-venv")
+    package = stub_root / "llama_cpp"
+    (package / "server").mkdir(parents=True)
+    (package / "__init__.py").write_text(_STUB_LLAMA_CPP)
+    (package / "server" / "__init__.py").write_text("")
+    (package / "server" / "__main__.py").write_text(_STUB_SERVER_MAIN)
+    result = subprocess.run(
+        [sys.executable, str(lb.server.SERVE_SCRIPT), "--model", "m.gguf"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(stub_root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_serve_script_stops_a_non_streamed_generation_whose_client_left(
+    serve_script_answers: dict,
+) -> None:
+    answers = serve_script_answers
+    assert answers["argv"] == ["--model", "m.gguf"]  # the server's own options
+    left = answers["stream=False leaves=True"]
+    assert left["criteria"]
+    assert left["tokens"] < 100  # stopped, about 0.1 s in: ~10 steps
+    # A client that stays gets the whole generation; the criterion is there
+    # but never true.
+    assert answers["stream=False leaves=False"] == {"tokens": 100, "criteria": True}
+    # Streams are left to the server, which stops them itself.
+    assert answers["stream=True leaves=True"] == {"tokens": 100, "criteria": False}
+    assert answers["stream=True leaves=False"] == {"tokens": 100, "criteria": False}
+
+
+def test_serve_script_does_not_put_the_dev_tool_on_sys_path(
+    serve_script_answers: dict,
+) -> None:
+    # local_backend's settings.py, server.py... must not shadow top-level
+    # modules of those names for llama_cpp and its dependencies.
+    assert str(lb.server.SERVE_SCRIPT.parent) not in serve_script_answers["path"]
 
 
 # --- install and model -------------------------------------------------------
@@ -547,16 +679,21 @@ def test_stop_detached_is_idempotent_without_pid_file(tmp_path: Path) -> None:
     assert "nothing to stop" in lb.stop_detached(tmp_path / "missing.pid")
 
 
-def test_stop_detached_stops_llama_server_process(tmp_path: Path) -> None:
-    # argv contains "llama_cpp.server", which is what the pid check looks for.
+@pytest.mark.parametrize(
+    "marker",
+    [str(lb.server.SERVE_SCRIPT), "llama_cpp.server"],
+    ids=["serve.py", "started-by-an-earlier-version"],
+)
+def test_stop_detached_stops_llama_server_process(tmp_path: Path, marker: str) -> None:
+    # argv contains what the pid check looks for.
     fake = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "llama_cpp.server"]
+        [sys.executable, "-c", "import time; time.sleep(60)", marker, "--model"]
     )
     pid_file = tmp_path / "server.pid"
     lb.write_pid_file(pid_file, fake.pid)
     cmdline = Path(f"/proc/{fake.pid}/cmdline")
     deadline = time.monotonic() + 5
-    while b"llama_cpp.server" not in cmdline.read_bytes():  # wait for exec
+    while b"--model" not in cmdline.read_bytes():  # wait for exec
         assert time.monotonic() < deadline
         time.sleep(0.01)
     try:
@@ -693,8 +830,8 @@ HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 def pretend_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Skip install/assembly; the "venv python" runs a fake llama_cpp.server.
 
-    Its command line still contains ``-m llama_cpp.server``, so pid-file
-    checks treat it like the real one.
+    Its command line still names serve.py, so pid-file checks treat it like
+    the real one.
     """
     python = tmp_path / "python"
     python.write_text(f"#!{sys.executable}\n{_FAKE_LLAMA_SERVER}")
