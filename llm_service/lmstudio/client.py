@@ -211,6 +211,7 @@ class LMStudioClient:
         if via:
             # A request that comes back with this pseudonym went round a loop.
             self.session.headers["Via"] = f"1.1 {via}"
+        self.retries = retries
         self._call_with_retries = self._with_retries(self._attempt, retries)
         self._open_with_retries = self._with_retries(self._attempt_stream, retries)
 
@@ -248,10 +249,15 @@ class LMStudioClient:
         payload: dict[str, Any],
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> ChatResult:
-        """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
+        """POST ``/v1/chat/completions`` (not streamed) and parse the answer.
+
+        ``budget`` (``deadline``, ``retries``), here and in the other calls,
+        lets a caller that tries several hosts share one budget (:meth:`_call`).
+        """
         body, request_id = self._call(
-            "POST", "/v1/chat/completions", json=payload, scope=scope
+            "POST", "/v1/chat/completions", json=payload, scope=scope, **budget
         )
         return read_chat_completion(
             body, model=str(payload.get("model") or ""), request_id=request_id
@@ -263,9 +269,10 @@ class LMStudioClient:
         payload: Any,
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> dict[str, Any]:
         """POST ``payload`` to ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("POST", path, json=payload, scope=scope)
+        body, _ = self._call("POST", path, json=payload, scope=scope, **budget)
         return body
 
     def get_json(
@@ -273,9 +280,10 @@ class LMStudioClient:
         path: str,
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> dict[str, Any]:
         """GET ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("GET", path, scope=scope)
+        body, _ = self._call("GET", path, scope=scope, **budget)
         return body
 
     def open_stream(
@@ -287,6 +295,8 @@ class LMStudioClient:
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
         scope: CallScope | None = None,
+        deadline: float | None = None,
+        retries: int | None = None,
     ) -> UpstreamStream:
         """Start a streamed completion; retried only until the upstream accepts it.
 
@@ -299,13 +309,16 @@ class LMStudioClient:
         self._track_generation(1)
         scope = scope or CallScope()
         scope.after_send = first_token_timeout
+        opener = self._open_with_retries
+        if retries is not None and retries != self.retries:
+            opener = self._with_retries(self._attempt_stream, retries)
         try:
-            response = self._open_with_retries(
+            response = opener(
                 path,
                 {**payload, "stream": True},
                 correlation_id=self._current_correlation_id(),
                 scope=scope,
-                deadline=time.monotonic() + self.retry_budget,
+                deadline=deadline or time.monotonic() + self.retry_budget,
             )
         except BaseException:
             self._track_generation(-1)
@@ -342,6 +355,11 @@ class LMStudioClient:
         if not isinstance(data, list):
             raise LMStudioProtocolError("/api/v0/models answered without a data list.")
         return [entry for entry in data if isinstance(entry, dict)]
+
+    def props(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Return llama.cpp's ``/props`` (slot count, context size); no retry."""
+        body, _ = self._attempt("GET", "/props", timeout=timeout)
+        return body
 
     def probe(self) -> HealthReport:
         """Probe the upstream once, with the short health timeout and no retries."""
@@ -422,17 +440,24 @@ class LMStudioClient:
         *,
         json: Any = None,
         scope: CallScope | None = None,
+        deadline: float | None = None,
+        retries: int | None = None,
     ) -> tuple[dict[str, Any], str | None]:
         """Make one call with retries; the whole call ends within the budget.
 
         The call carries the correlation ID of the ``correlation_id`` hook;
-        probes (which do not come through here) carry none.
+        probes (which do not come through here) carry none. A caller trying
+        several hosts passes the ``deadline`` of its whole budget and the
+        ``retries`` left for this host.
         """
         scope = scope or CallScope()
-        deadline = time.monotonic() + self.retry_budget
+        deadline = deadline or time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
+        call = self._call_with_retries
+        if retries is not None and retries != self.retries:
+            call = self._with_retries(self._attempt, retries)
         try:
-            return self._call_with_retries(
+            return call(
                 method,
                 path,
                 json=json,
