@@ -1,10 +1,13 @@
-"""Placement, conversation affinity and the circuit breaker: pure, fake clock."""
+"""Placement, affinity, the breaker (pure, fake clock) and the discovery thread."""
 
 import random
+import threading
+import time
 
 import pytest
 
 from llm_service.upstreams.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from llm_service.upstreams.discovery import Discovery
 from llm_service.upstreams.placement import (
     AffinityMap,
     HostState,
@@ -195,3 +198,50 @@ def test_breaker_threshold(failures):
     assert breaker.state == CLOSED
     breaker.failed()
     assert breaker.state == OPEN
+
+
+class CountingHost:
+    """Stands in for a Host: counts its probes."""
+
+    def __init__(self, name):
+        self.name = name
+        self.probes = 0
+
+    def refresh(self):
+        self.probes += 1
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_one_discovery_thread_per_process_probing_every_interval_and_on_kicks():
+    hosts = [CountingHost("a"), CountingHost("b")]
+    discovery = Discovery(hosts, interval=60)
+    before = threading.active_count()
+    discovery.ensure_started()
+    discovery.ensure_started()
+    assert threading.active_count() == before + 1
+    assert wait_for(lambda: all(h.probes == 1 for h in hosts))  # a first round
+    discovery.kick(hosts[1])  # a call to b failed: b at once, not a
+    assert wait_for(lambda: hosts[1].probes == 2)
+    assert hosts[0].probes == 1
+    # After a fork the thread is not there: the child starts its own.
+    discovery._pid = -1
+    assert not discovery.running
+    discovery.ensure_started()
+    assert discovery.running
+    discovery.stop()
+    assert not discovery.running
+    assert threading.active_count() == before
+
+
+def test_discovery_can_be_off():
+    discovery = Discovery([CountingHost("a")], interval=0)
+    discovery.ensure_started()
+    assert not discovery.running
