@@ -111,6 +111,18 @@ class Upstream:
         """True when the gateway sends the first host an API token."""
         return self.hosts[0].client.sends_token
 
+    # -- what other concerns attach (metrics, tracing) -------------------------
+
+    def observe_calls(self, observer: Any) -> None:
+        """Tell ``observer`` about every call made for a request, at every host."""
+        for host in self.hosts:
+            host.client.observer = observer
+
+    def send_headers(self, hook: Callable[[], Any]) -> None:
+        """Add the headers ``hook`` returns to every request sent to any host."""
+        for host in self.hosts:
+            host.client.extra_headers = hook
+
     # -- requests ------------------------------------------------------------
 
     def request_defaults(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -535,6 +547,16 @@ class FailoverStream:
     @property
     def request_id(self) -> str | None:
         return self._stream.request_id if self._stream is not None else None
+
+    @property
+    def error(self) -> LMStudioError | None:
+        """The serving stream's failure, for the call's record (metrics)."""
+        return getattr(self._stream, "error", None)
+
+    @error.setter
+    def error(self, value: LMStudioError | None) -> None:
+        if self._stream is not None:
+            self._stream.error = value
 
     def events(self, tick: float = 0.25) -> Iterator[SSEEvent | None]:
         """Yield the events (None on silence) of whichever host serves the stream."""

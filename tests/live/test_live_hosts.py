@@ -55,10 +55,10 @@ def hosts_gateway(two_servers):
         yield gateway
 
 
-def chat(gateway, model, messages):
+def chat(gateway, model, messages, max_tokens=4):
     response = requests.post(
         f"{gateway.url}/v1/chat/completions",
-        json={"model": model, "messages": messages, "max_tokens": 4},
+        json={"model": model, "messages": messages, "max_tokens": max_tokens},
         timeout=300,
     )
     assert response.status_code == 200, response.text
@@ -96,19 +96,21 @@ def test_conversations_keep_their_server(hosts_gateway):
     # (llama.cpp answers any name): both servers are candidates.
     model = "any-gemma"
     chats = [
-        [{"role": "user", "content": f"Conversation {n}: name a colour."}]
+        [{"role": "user", "content": f"Conversation {n}: list many colours."}]
         for n in range(2)
     ]
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(chat, hosts_gateway, model, chats[0])
-        time.sleep(0.5)  # the first is in flight: the second goes elsewhere
+        # A long first answer: still in flight when the second is placed,
+        # which then goes to the other, idle server.
+        first = pool.submit(chat, hosts_gateway, model, chats[0], 200)
+        time.sleep(0.2)
         second = pool.submit(chat, hosts_gateway, model, chats[1])
         responses = [first.result(), second.result()]
     homes = [r.headers["X-Upstream-Host"] for r in responses]
     assert sorted(homes) == ["gemma-a", "gemma-b"]
     for _turn in range(2):
         for n, messages in enumerate(chats):
-            answer = responses[n].json()["choices"][0]["message"]["content"]
+            answer = responses[n].json()["choices"][0]["message"]["content"][:200]
             messages += [
                 {"role": "assistant", "content": answer or "ok"},
                 {"role": "user", "content": "And another?"},
