@@ -40,7 +40,8 @@ class Setting:
     parse: Callable[[str, Any], Any]
     help: str
     #: ``"url"``: a URL (or list of them) whose userinfo and query values are
-    #: secret; ``"secret"``: the whole value is. Neither is ever shown or logged.
+    #: secret; ``"secret"``: the whole value is; ``"hosts"``: a list of hosts,
+    #: each with a ``url`` and an ``api_token``. None is ever shown or logged.
     sensitive: str = ""
 
     @property
@@ -119,12 +120,29 @@ def secret_values(config: dict) -> list[str]:
         values = config.get(setting.name)
         values = values if isinstance(values, list | tuple) else [values]
         for value in values:
-            if not isinstance(value, str) or not value:
-                continue
-            parts = [value] if setting.sensitive == "secret" else _url_secrets(value)
-            for part in parts:
+            for part in _secret_parts(setting.sensitive, value):
                 found.update({part, unquote(part)})
     return sorted((v for v in found if len(v) >= 4), key=len, reverse=True)
+
+
+def _secret_parts(kind: str, value: Any) -> Iterator[str]:
+    """Yield the secrets of one value of a sensitive setting of ``kind``."""
+    if kind == "hosts":
+        if isinstance(value, dict):
+            yield from _secret_parts("url", value.get("url"))
+            yield from _secret_parts("secret", value.get("api_token"))
+        elif isinstance(value, str) and value:
+            # Not parsed yet: the JSON text of the whole list.
+            try:
+                hosts = json.loads(value)
+            except ValueError:
+                hosts = []
+            for host in hosts if isinstance(hosts, list) else []:
+                yield from _secret_parts("hosts", host)
+        return
+    if not isinstance(value, str) or not value:
+        return
+    yield from [value] if kind == "secret" else _url_secrets(value)
 
 
 def _fail(name: str, value: Any, expected: str) -> ConfigError:
@@ -318,6 +336,98 @@ def _host_list(name: str, value: Any) -> list[str] | None:
     return [item.lower() for item in items] if items is not None else None
 
 
+#: A host's name in LLM_SERVICE_UPSTREAMS: shown in /health and access records.
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST_KEYS = frozenset({"name", "url", "api_token", "slots", "weight"})
+#: The settings that describe the one host of a single-host set-up.
+SINGLE_HOST_SETTINGS = (
+    "LM_STUDIO_URL",
+    "LM_STUDIO_HOST",
+    "LM_STUDIO_PORT",
+    "LM_STUDIO_API_TOKEN",
+)
+#: The name of the one host that the single-host settings describe.
+SINGLE_HOST_NAME = "default"
+
+
+def _upstreams(name: str, value: Any) -> list[dict[str, Any]] | None:
+    """Parse the list of model hosts; a bad entry is named, never its secrets.
+
+    Each entry is ``{"name", "url", "api_token"?, "slots"?, "weight"?}``; the
+    result has every key (``api_token`` and ``slots`` may be None, ``weight``
+    defaults to 1) and each URL without a trailing ``/`` or ``/v1``.
+    """
+    var = f"{ENV_PREFIX}_{name}"
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(
+                f"{var} is invalid: expected a JSON list of hosts such as "
+                '[{"name": "a", "url": "http://a:1234"}].'
+            ) from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{var} is invalid: expected a JSON list of hosts.")
+    hosts: list[dict[str, Any]] = []
+    for index, entry in enumerate(value, start=1):
+        hosts.append(_upstream_entry(var, index, entry))
+    names = [host["name"] for host in hosts]
+    for host_name in names:
+        if names.count(host_name) > 1:
+            raise ConfigError(f"{var}: the name {host_name!r} is used twice.")
+    return hosts
+
+
+def _upstream_entry(var: str, index: int, entry: Any) -> dict[str, Any]:
+    where = f"{var} entry {index}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} is invalid: expected an object with name and url.")
+    host_name = entry.get("name")
+    if isinstance(host_name, str) and _HOST_NAME.fullmatch(host_name):
+        where = f"{var} entry {index} ({host_name})"
+    else:
+        raise ConfigError(
+            f"{where}: name is invalid: expected 1-64 letters, digits, '.', '_' or '-'."
+        )
+    unknown = sorted(set(entry) - _HOST_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (expected "
+            + ", ".join(sorted(_HOST_KEYS))
+            + ")."
+        )
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"{where}: url is missing.")
+    try:
+        url = _http_url("url", url)
+    except ConfigError:
+        raise ConfigError(
+            f"{where}: url {redact_url(url)!r} is invalid: expected an http:// or "
+            "https:// URL such as http://host:1234."
+        ) from None
+    token = entry.get("api_token")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"{where}: api_token must be a string.")
+    slots = entry.get("slots")
+    if slots is not None and (
+        isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
+    ):
+        raise ConfigError(f"{where}: slots must be an integer >= 1.")
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+        raise ConfigError(f"{where}: weight must be a number > 0.")
+    return {
+        "name": host_name,
+        "url": str(url).rstrip("/").removesuffix("/v1"),
+        "api_token": (token or "").strip() or None,
+        "slots": slots,
+        "weight": float(weight),
+    }
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("LM_STUDIO_HOST", "localhost", _host, "LM Studio host."),
     Setting("LM_STUDIO_PORT", 1234, _integer(1, 65535), "LM Studio port."),
@@ -329,6 +439,17 @@ SETTINGS: tuple[Setting, ...] = (
         "overrides host and port. A trailing `/v1` is accepted. Credentials in "
         "it are never shown (`http://***@host`).",
         sensitive="url",
+    ),
+    Setting(
+        "UPSTREAMS",
+        None,
+        _upstreams,
+        "Several model hosts, as a JSON list: "
+        '`[{"name": "gpu-a", "url": "http://10.0.0.5:1234", "api_token": "...", '
+        '"slots": 4, "weight": 1}]` (`api_token`, `slots`, `weight` optional). '
+        "Replaces the `LM_STUDIO_URL`/`HOST`/`PORT`/`API_TOKEN` settings (setting "
+        'both is an error). See "Several hosts". URLs and tokens are never shown.',
+        sensitive="hosts",
     ),
     Setting(
         "LM_STUDIO_TIMEOUT",
@@ -460,6 +581,41 @@ SETTINGS: tuple[Setting, ...] = (
         sensitive="url",
     ),
     Setting(
+        "DISCOVERY_INTERVAL_SECONDS",
+        5.0,
+        _seconds(allow_zero=True),
+        "Several hosts: how often each host is asked in the background what it "
+        "serves and has loaded (at once after a failure); 0 turns the background "
+        "discovery off.",
+    ),
+    Setting(
+        "AFFINITY",
+        True,
+        _boolean,
+        "Several hosts: send a conversation's next turn to the host that served "
+        "it (its prompt cache); `off` places every request on its own.",
+    ),
+    Setting(
+        "AFFINITY_SECONDS",
+        600.0,
+        _seconds(),
+        "Several hosts: how long a conversation stays with its host after its "
+        "last turn.",
+    ),
+    Setting(
+        "BREAKER_FAILURES",
+        5,
+        _integer(1),
+        "Consecutive failed calls after which a host's circuit opens (no traffic "
+        "while other hosts can serve).",
+    ),
+    Setting(
+        "BREAKER_COOLDOWN_SECONDS",
+        30.0,
+        _seconds(),
+        "Seconds an open circuit waits before one trial request (half-open).",
+    ),
+    Setting(
         "LOG_LEVEL",
         "INFO",
         _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
@@ -581,6 +737,9 @@ def load_settings(config: dict) -> None:
 
     Raises :class:`ConfigError` naming the variable and the expected form.
     """
+    single_host = [
+        name for name in SINGLE_HOST_SETTINGS if config.get(name) not in (None, "")
+    ]
     for setting in SETTINGS:
         raw = config.get(setting.name, setting.default)
         if raw is None and setting.default is None:
@@ -595,7 +754,23 @@ def load_settings(config: dict) -> None:
         )
     # Flask and Werkzeug read these two under their own names.
     config["MAX_CONTENT_LENGTH"] = config["MAX_REQUEST_SIZE"]
-    config["LM_STUDIO_BASE_URL"] = upstream_base_url(config)
+    if config["UPSTREAMS"] and single_host:
+        raise ConfigError(
+            f"{ENV_PREFIX}_UPSTREAMS and {ENV_PREFIX}_{single_host[0]} are both "
+            f"set: list every host in {ENV_PREFIX}_UPSTREAMS, or use the "
+            "single-host settings alone."
+        )
+    config["UPSTREAM_HOSTS"] = config["UPSTREAMS"] or [
+        {
+            "name": SINGLE_HOST_NAME,
+            "url": upstream_base_url(config),
+            "api_token": config["LM_STUDIO_API_TOKEN"],
+            "slots": None,
+            "weight": 1.0,
+        }
+    ]
+    # The first host's: what the CLI and `make run` check and show.
+    config["LM_STUDIO_BASE_URL"] = config["UPSTREAM_HOSTS"][0]["url"]
 
 
 def upstream_base_url(config: dict) -> str:

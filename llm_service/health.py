@@ -105,8 +105,11 @@ def health():
     """Report the service and its upstream; 503 when the upstream does not answer.
 
     A model server busy generating for this gateway is up (``busy``), not down.
+    With several hosts, ``status`` is ``ok`` while any host answers; ``hosts``
+    reports each one and ``lm_studio`` the first that answers.
     """
-    report = get_upstream().health()
+    upstream = get_upstream()
+    report = upstream.health()
     status = "busy" if report.busy else "ok"
     body = {
         "status": status if report.reachable else "unavailable",
@@ -114,6 +117,7 @@ def health():
         "version": __version__,
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
+        "hosts": upstream.hosts_view(),
         "rate_limit_storage": storage_state(),
     }
     return _answer(
@@ -141,10 +145,12 @@ def live():
 @documented(answers={200: ReadySchema, 503: ReadySchema})
 def ready():
     """Say whether a model can answer now; 503 with the reason when not."""
-    report = get_upstream().health()
+    upstream = get_upstream()
+    report = upstream.health()
     body = {
         "status": "ready" if report.ready else "not_ready",
         "models": report.servable_models,
+        "hosts": upstream.hosts_view(),
     }
     if not report.reachable:
         reason = _unreachable(report)

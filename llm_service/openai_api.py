@@ -68,8 +68,12 @@ def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     error_schema=OpenAIErrorResponseSchema,
 )
 def list_models():
-    """List the upstream's models (OpenAI ``list`` object)."""
-    return get_upstream().get_json("/v1/models")
+    """List the upstream's models (OpenAI ``list`` object).
+
+    With several hosts, each model once, with ``loaded_on`` and ``available_on``
+    naming the hosts where it is loaded and where it is listed.
+    """
+    return get_upstream().list_models()
 
 
 @bp.post("/chat/completions")

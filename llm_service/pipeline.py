@@ -14,6 +14,7 @@ from .lifecycle import ShuttingDownError, drain
 access_log = logging.getLogger("llm_service.access")
 
 CORRELATION_HEADER = "X-Correlation-ID"
+UPSTREAM_HOST_HEADER = "X-Upstream-Host"
 _INCOMING_HEADERS = (CORRELATION_HEADER, "X-Request-ID")
 _VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -65,6 +66,9 @@ def _finish_response(response: Response) -> Response:
         response.headers.setdefault(name, value)
     if request.is_secure:
         response.headers.setdefault("Strict-Transport-Security", HSTS)
+    if g.get("upstream_host"):
+        # The model host that served the request (its name, never its URL).
+        response.headers[UPSTREAM_HOST_HEADER] = g.upstream_host
     g.response_status = response.status_code
     return response
 
@@ -87,6 +91,7 @@ def _log_access(_error: BaseException | None) -> None:
             "client": request.remote_addr,
             "upstream_status": g.get("upstream_status"),
             "upstream_retries": max(0, g.get("upstream_attempts", 0) - 1),
+            "upstream_host": g.get("upstream_host"),
         },
     )
 

@@ -208,6 +208,34 @@ class UpstreamHealthSchema(Schema):
     )
 
 
+class HostHealthSchema(Schema):
+    """One model host in ``/health``'s ``hosts`` (never its credentials)."""
+
+    name = fields.String(required=True)
+    url = fields.String(required=True, metadata={"description": "Credentials masked."})
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(("up", "busy", "down", "unknown")),
+        metadata={"description": "`unknown` until its first probe."},
+    )
+    server = fields.String(required=True, allow_none=True)
+    models = fields.List(fields.String(), required=True)
+    loaded_models = fields.List(
+        fields.String(),
+        required=True,
+        allow_none=True,
+        metadata={"description": "Null when the server cannot tell (llama.cpp)."},
+    )
+    in_flight = fields.Integer(
+        required=True, metadata={"description": "This process's requests there now."}
+    )
+    slots = fields.Integer(required=True)
+    circuit = fields.String(
+        required=True, validate=validate.OneOf(("closed", "open", "half_open"))
+    )
+    error = fields.String(required=True, allow_none=True)
+
+
 class HealthSchema(Schema):
     """Answer of ``GET /health``; a 503 adds ``error``."""
 
@@ -217,7 +245,12 @@ class HealthSchema(Schema):
     service = fields.String(required=True)
     version = fields.String(required=True)
     uptime_seconds = fields.Float(required=True)
-    lm_studio = fields.Nested(UpstreamHealthSchema, required=True)
+    lm_studio = fields.Nested(
+        UpstreamHealthSchema,
+        required=True,
+        metadata={"description": "The (first answering) host, as before `hosts`."},
+    )
+    hosts = fields.List(fields.Nested(HostHealthSchema), required=True)
     rate_limit_storage = fields.String(
         required=True,
         metadata={
@@ -246,6 +279,7 @@ class ReadySchema(Schema):
         required=True, validate=validate.OneOf(("ready", "not_ready"))
     )
     models = fields.List(fields.String(), required=True)
+    hosts = fields.List(fields.Nested(HostHealthSchema), required=True)
     correlation_id = fields.String(required=True)
     error = fields.Nested(ErrorDetailSchema)
 

@@ -258,6 +258,7 @@ class LMStudioClient:
         if via:
             # A request that comes back with this pseudonym went round a loop.
             self.session.headers["Via"] = f"1.1 {via}"
+        self.retries = retries
         self._call_with_retries = self._with_retries(self._attempt, retries)
         self._open_with_retries = self._with_retries(self._attempt_stream, retries)
 
@@ -295,10 +296,15 @@ class LMStudioClient:
         payload: dict[str, Any],
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> ChatResult:
-        """POST ``/v1/chat/completions`` (not streamed) and parse the answer."""
+        """POST ``/v1/chat/completions`` (not streamed) and parse the answer.
+
+        ``budget`` (``deadline``, ``retries``), here and in the other calls,
+        lets a caller that tries several hosts share one budget (:meth:`_call`).
+        """
         body, request_id = self._call(
-            "POST", "/v1/chat/completions", json=payload, scope=scope
+            "POST", "/v1/chat/completions", json=payload, scope=scope, **budget
         )
         return read_chat_completion(
             body, model=str(payload.get("model") or ""), request_id=request_id
@@ -310,9 +316,10 @@ class LMStudioClient:
         payload: Any,
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> dict[str, Any]:
         """POST ``payload`` to ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("POST", path, json=payload, scope=scope)
+        body, _ = self._call("POST", path, json=payload, scope=scope, **budget)
         return body
 
     def get_json(
@@ -320,9 +327,10 @@ class LMStudioClient:
         path: str,
         *,
         scope: CallScope | None = None,
+        **budget: Any,
     ) -> dict[str, Any]:
         """GET ``path`` (with retries); return the JSON object."""
-        body, _ = self._call("GET", path, scope=scope)
+        body, _ = self._call("GET", path, scope=scope, **budget)
         return body
 
     def open_stream(
@@ -334,6 +342,8 @@ class LMStudioClient:
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
         scope: CallScope | None = None,
+        deadline: float | None = None,
+        retries: int | None = None,
     ) -> UpstreamStream:
         """Start a streamed completion; retried only until the upstream accepts it.
 
@@ -351,13 +361,16 @@ class LMStudioClient:
         if observer is not None:
             began = time.monotonic()
             observer.call_started(True)
+        opener = self._open_with_retries
+        if retries is not None and retries != self.retries:
+            opener = self._with_retries(self._attempt_stream, retries)
         try:
-            response = self._open_with_retries(
+            response = opener(
                 path,
                 {**payload, "stream": True},
                 correlation_id=self._current_correlation_id(),
                 scope=scope,
-                deadline=time.monotonic() + self.retry_budget,
+                deadline=deadline or time.monotonic() + self.retry_budget,
             )
         except BaseException as err:
             self._track_generation(-1)
@@ -406,6 +419,11 @@ class LMStudioClient:
         if not isinstance(data, list):
             raise LMStudioProtocolError("/api/v0/models answered without a data list.")
         return [entry for entry in data if isinstance(entry, dict)]
+
+    def props(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Return llama.cpp's ``/props`` (slot count, context size); no retry."""
+        body, _ = self._attempt("GET", "/props", timeout=timeout)
+        return body
 
     def probe(self) -> HealthReport:
         """Probe the upstream once, with the short health timeout and no retries."""
@@ -488,22 +506,29 @@ class LMStudioClient:
         *,
         json: Any = None,
         scope: CallScope | None = None,
+        deadline: float | None = None,
+        retries: int | None = None,
     ) -> tuple[dict[str, Any], str | None]:
         """Make one call with retries; the whole call ends within the budget.
 
         The call carries the correlation ID of the ``correlation_id`` hook;
-        probes (which do not come through here) carry none.
+        probes (which do not come through here) carry none. A caller trying
+        several hosts passes the ``deadline`` of its whole budget and the
+        ``retries`` left for this host.
         """
         scope = scope or CallScope()
-        deadline = time.monotonic() + self.retry_budget
+        deadline = deadline or time.monotonic() + self.retry_budget
         scope.set_deadline(deadline)
         observer = self.observer
         began = 0.0
         if observer is not None:
             began = time.monotonic()
             observer.call_started(False)
+        call = self._call_with_retries
+        if retries is not None and retries != self.retries:
+            call = self._with_retries(self._attempt, retries)
         try:
-            result = self._call_with_retries(
+            result = call(
                 method,
                 path,
                 json=json,

@@ -69,11 +69,17 @@ def test_ready_with_a_loaded_model(client, upstream):
     lmstudio_up(upstream)
     response = client.get("/health/ready")
     assert response.status_code == 200
-    assert response.json == {
+    body = response.json
+    (host,) = body.pop("hosts")
+    assert body == {
         "status": "ready",
         "models": ["qwen"],
         "correlation_id": response.headers["X-Correlation-ID"],
     }
+    assert host["name"] == "default"
+    assert host["status"] == "up"
+    assert host["loaded_models"] == ["qwen"]
+    assert host["circuit"] == "closed"
 
 
 def test_not_ready_without_loaded_model(client, upstream):
