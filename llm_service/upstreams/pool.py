@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, has_request_context, request
 
@@ -25,7 +26,10 @@ from ..lmstudio.chunks import ChatResult
 from ..lmstudio.client import HealthReport, LMStudioClient
 from ..lmstudio.errors import LMStudioLoopError, NoModelLoadedError
 from ..lmstudio.stream import UpstreamStream
+from ..lmstudio.watchdog import CallScope
 from ..pipeline import correlation_id
+from . import queueing
+from .admission import Admission
 from .hangups import hangup_scope
 
 EXTENSION = "llm_service.upstream"
@@ -37,9 +41,18 @@ class Upstream:
     """The model server as the app sees it: one client, its health cache."""
 
     def __init__(
-        self, client: LMStudioClient, cache_seconds: float, via: str = ""
+        self,
+        client: LMStudioClient,
+        cache_seconds: float,
+        via: str = "",
+        admission: Admission | None = None,
+        host: str = "default",
     ) -> None:
         self._client = client
+        #: Slots and the fair queue in front of them (:mod:`.admission`).
+        self.admission = admission if admission is not None else Admission()
+        #: The host's name in the admission (its address, never credentials).
+        self.host = host
         #: This process's pseudonym in the ``Via`` header it sends upstream.
         self.via = via
         self.cache_seconds = cache_seconds
@@ -104,12 +117,12 @@ class Upstream:
 
     def chat_completion(self, payload: dict[str, Any]) -> ChatResult:
         """Ask for a (not streamed) chat completion; cancelled if the client leaves."""
-        with self._heard(), hangup_scope() as scope:
+        with self._heard(), self._slot(), hangup_scope() as scope:
             return self._client.chat_completion(payload, scope=scope)
 
     def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """POST ``payload`` to ``path``; return the upstream's JSON object as it is."""
-        with self._heard(), hangup_scope() as scope:
+        with self._heard(), self._slot(), hangup_scope() as scope:
             return self._client.post_json(path, payload, scope=scope)
 
     def get_json(self, path: str) -> dict[str, Any]:
@@ -117,18 +130,38 @@ class Upstream:
         with self._heard(), hangup_scope() as scope:
             return self._client.get_json(path, scope=scope)
 
-    def open_stream(self, path: str, payload: dict[str, Any]) -> UpstreamStream:
-        """Start a stream with the app's stream limits (retried until open)."""
+    def open_stream(self, path: str, payload: dict[str, Any]) -> queueing.SlotStream:
+        """Start a stream with the app's stream limits (retried until open).
+
+        It holds a slot of the host until it closes. When none is free, the
+        stream returned waits in the queue first (sending its position as
+        comments) and opens once admitted.
+        """
         config = current_app.config
-        with self._heard(), hangup_scope() as scope:
-            return self._client.open_stream(
-                path,
-                payload,
-                first_token_timeout=config["STREAM_FIRST_TOKEN_TIMEOUT"],
-                idle_timeout=config["STREAM_IDLE_TIMEOUT"],
-                total_timeout=config["STREAM_TOTAL_TIMEOUT"],
-                scope=scope,
-            )
+        limits = {
+            "first_token_timeout": config["STREAM_FIRST_TOKEN_TIMEOUT"],
+            "idle_timeout": config["STREAM_IDLE_TIMEOUT"],
+            "total_timeout": config["STREAM_TOTAL_TIMEOUT"],
+        }
+
+        def opener(scope: CallScope) -> UpstreamStream:
+            with self._heard():
+                return self._client.open_stream(path, payload, scope=scope, **limits)
+
+        ticket = queueing.enter(self.admission, self.host)
+        if not ticket.admitted:
+            return queueing.SlotStream(ticket, opener=opener)
+        queueing.record_wait(ticket)
+        try:
+            with hangup_scope() as scope:
+                return queueing.SlotStream(ticket, opener(scope))
+        except BaseException:
+            ticket.release()
+            raise
+
+    def _slot(self) -> contextlib.AbstractContextManager[Any]:
+        """Hold a slot of the host for one call (waiting in the queue for it)."""
+        return queueing.slot(self.admission, self.host)
 
     @contextlib.contextmanager
     def _heard(self) -> Iterator[None]:
@@ -242,8 +275,20 @@ def init_app(app: Flask) -> None:
         correlation_id=_request_correlation_id,
         via=via,
     )
-    app.extensions[EXTENSION] = Upstream(client, config["HEALTH_CACHE_SECONDS"], via)
+    admission = queueing.build_admission(config)
+    host = _host_name(config["LM_STUDIO_BASE_URL"])
+    admission.configure(host, config["UPSTREAM_SLOTS"])
+    app.extensions[EXTENSION] = Upstream(
+        client, config["HEALTH_CACHE_SECONDS"], via, admission, host
+    )
     app.before_request(_refuse_loops)
+
+
+def _host_name(url: str) -> str:
+    """A host's name for its slots: ``host:port``, shared by every gateway using it."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}{parts.path}"
 
 
 def get_upstream() -> Upstream:
