@@ -117,7 +117,7 @@ class LocalSlots:
             if self._used[host] >= self.limit(slots):
                 return None
             self._used[host] += 1
-        return Lease(host)
+        return Lease(host, "")
 
     def release(self, lease: Lease) -> None:
         with self._lock:

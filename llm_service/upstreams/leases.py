@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,9 @@ CHANNEL = f"{PREFIX}:freed"
 #: While requests wait, how often expired leases (a crashed gateway's) are
 #: looked for, in case no release is announced.
 POLL_SECONDS = 1.0
+#: A process that has not asked for a slot this long is no longer waiting (one
+#: whose waiters all left, or that died): it loses its place in the line.
+FORGET_WAITER_MS = int(2.5 * POLL_SECONDS * 1000)
 #: Longest wait for Redis to connect or answer (as the limit store's).
 STORE_TIMEOUT = 0.5
 #: Longest pause before Redis is tried again after a failure.
@@ -45,14 +49,41 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-#: KEYS: the host's set. ARGV: slots, lease ms, lease id. Returns 1 if taken.
+#: KEYS: the host's leases, its waiting processes (by when they began to wait),
+#: when each was last seen waiting. ARGV: slots, lease ms, lease id, process id,
+#: ms after which a process not seen waiting is forgotten. Returns 1 if taken.
+#:
+#: Free slots go to the processes that have waited longest first (one turn
+#: each, then to the back of the line): without this, the process that just
+#: released a slot would take it again before any other heard of it.
 ACQUIRE = (
     _NOW_MS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[5]))
+for _, process in ipairs(stale) do
+  redis.call('ZREM', KEYS[2], process)
+  redis.call('ZREM', KEYS[3], process)
+end
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local since = redis.call('ZSCORE', KEYS[2], ARGV[4])
+local ahead
+if since then
+  ahead = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. since)
+else
+  ahead = redis.call('ZCARD', KEYS[2])
+end
+if free <= ahead then
+  if not since then
+    redis.call('ZADD', KEYS[2], now, ARGV[4])
+  end
+  redis.call('ZADD', KEYS[3], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[2]))
   return 0
 end
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
 return 1
@@ -87,6 +118,10 @@ def slots_key(host: str) -> str:
     return f"{PREFIX}:{host}"
 
 
+def _turn_keys(host: str) -> list[str]:
+    return [f"{PREFIX}:{host}:waiting", f"{PREFIX}:{host}:seen"]
+
+
 class RedisSlots:
     """Leases of host slots in one Redis; every method may raise Redis' errors."""
 
@@ -96,6 +131,8 @@ class RedisSlots:
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
+        #: This process in the line of processes waiting for a host's slots.
+        self.process = uuid.uuid4().hex
         self._lock = threading.Lock()
         #: Leases held by this process: id -> host.
         self.held: dict[str, str] = {}
@@ -103,7 +140,8 @@ class RedisSlots:
     def try_acquire(self, host: str, slots: int) -> Lease | None:
         lease = Lease(host, shared=True)
         taken = self._acquire(
-            keys=[slots_key(host)], args=[slots, self.lease_ms, lease.id]
+            keys=[slots_key(host), *_turn_keys(host)],
+            args=[slots, self.lease_ms, lease.id, self.process, FORGET_WAITER_MS],
         )
         if not taken:
             return None

@@ -233,8 +233,8 @@ def run_concurrently(gateway, count, path="/v1/chat/completions"):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_host_with_two_slots_never_runs_more_with_redis(
     fake,
-    redis_url,
-    workers,  # noqa: F811
+    redis_url,  # noqa: F811
+    workers,
 ):
     fake.first_token_delay = 0.02
     fake.peak_generations = 0
@@ -324,3 +324,22 @@ def test_slots_of_a_killed_gateway_come_back_when_their_leases_expire(
     # It waited for the dead gateway's lease to expire (3 s from its last renewal).
     assert float(response.headers["X-Queue-Time"]) > 0.2
     assert served_after < 3 + 1 + 10  # lease + poll + start-up on a loaded machine
+
+
+def test_a_released_slot_goes_to_the_process_that_waited_longest(
+    redis_url,  # noqa: F811
+):
+    from llm_service.upstreams.leases import RedisSlots
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    releasing, waiting = RedisSlots(client, 30), RedisSlots(client, 30)
+    held = releasing.try_acquire("turns:1", 1)
+    assert held is not None
+    assert waiting.try_acquire("turns:1", 1) is None  # now in line
+    releasing.release(held)
+    # The releasing process asks again at once, first: the slot is not its.
+    assert releasing.try_acquire("turns:1", 1) is None
+    assert waiting.try_acquire("turns:1", 1) is not None
+    assert releasing.try_acquire("turns:1", 1) is None  # full again
+    assert client.zcard("llm_service:slots:turns:1") == 1
