@@ -66,8 +66,11 @@ def caller() -> tuple[str, float]:
         return "local", 1.0
     key = g.get("caller")
     if key is not None:
-        fields = key if isinstance(key, dict) else vars(key)
-        return f"key:{fields.get('name')}", float(fields.get("weight") or 1)
+        if isinstance(key, dict):
+            name, weight = key.get("name"), key.get("weight")
+        else:
+            name, weight = getattr(key, "name", None), getattr(key, "weight", None)
+        return f"key:{name}", float(weight or 1)
     return f"addr:{request.remote_addr}", 1.0
 
 
