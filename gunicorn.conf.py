@@ -56,9 +56,12 @@ if _settings["METRICS"] and not os.environ.get(MULTIPROC_ENV):
 worker_class = _env("WORKER_CLASS", "llm_service.server.Worker")
 workers = int(_env("WORKERS", "1"))
 # A streaming response holds its thread (and a reader thread for the upstream)
-# for its whole life, so threads bound the concurrent streams. Threads start on
-# demand: an idle gateway does not pay for them.
-threads = int(_env("THREADS", "1024"))
+# for its whole life, and a request waiting for a model slot holds its thread
+# (blocked, not spinning), so threads bound the requests held at once: 4096
+# holds 2,000 queued and streaming connections with room for health checks
+# (bench/admission.py: RSS and liveness there). Threads start on demand: an
+# idle gateway does not pay for them.
+threads = int(_env("THREADS", "4096"))
 # Connections held open at once: busy ones (at most `threads`), idle keep-alive
 # ones and those still sending their head. Waiting costs a socket, not a thread,
 # so it is generous; when full, the worker closes the oldest idle or

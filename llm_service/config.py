@@ -176,7 +176,8 @@ def _integer(low: int | None = None, high: int | None = None) -> Callable:
 
 
 def _seconds(low: float = 0.0, allow_zero: bool = False) -> Callable:
-    expected = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
+    bound = f"{low:g}"
+    expected = f"a number of seconds {'>=' if allow_zero else '>'} {bound}"
 
     def parse(name: str, value: Any) -> float:
         if isinstance(value, bool):
@@ -215,6 +216,17 @@ def _choice(*choices: str, upper: bool = False) -> Callable:
         return text
 
     return parse
+
+
+def _optional(parse: Callable) -> Callable:
+    """``parse``, or None for a value left empty."""
+
+    def parse_optional(name: str, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parse(name, value)
+
+    return parse_optional
 
 
 def _optional_text(name: str, value: Any) -> str | None:
@@ -345,6 +357,7 @@ SINGLE_HOST_SETTINGS = (
     "LM_STUDIO_HOST",
     "LM_STUDIO_PORT",
     "LM_STUDIO_API_TOKEN",
+    "UPSTREAM_SLOTS",
 )
 #: The name of the one host that the single-host settings describe.
 SINGLE_HOST_NAME = "default"
@@ -616,6 +629,43 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds an open circuit waits before one trial request (half-open).",
     ),
     Setting(
+        "UPSTREAM_SLOTS",
+        None,
+        _optional(_integer(1, 10000)),
+        "Requests the model server runs at once (its parallel slots); more wait "
+        "in the gateway's queue. Unset: what the server reports, else 4 (`make "
+        "run` sets 1 for the bundled server).",
+    ),
+    Setting(
+        "QUEUE_MAX",
+        1000,
+        _integer(0, 100000),
+        "Requests that may wait for a slot at once, per gateway process; past it "
+        "503 `queue_full`.",
+    ),
+    Setting(
+        "QUEUE_TIMEOUT",
+        60.0,
+        _seconds(),
+        "Longest wait for a slot; past it 503 `queue_timeout` (an error event on "
+        "a stream already sending queue comments).",
+    ),
+    Setting(
+        "QUEUE_MAX_PER_KEY",
+        None,
+        _optional(_integer(1, 100000)),
+        "Requests one caller (API key, else client address) may have waiting; "
+        "unset: a quarter of `LLM_SERVICE_QUEUE_MAX`.",
+    ),
+    Setting(
+        "SLOT_LEASE_SECONDS",
+        30.0,
+        _seconds(low=1.0, allow_zero=True),
+        "With Redis as `LLM_SERVICE_RATE_LIMIT_STORAGE_URI`: slots are leases of "
+        "this length, renewed while a request runs, so a crashed gateway's slots "
+        "come back after it.",
+    ),
+    Setting(
         "LOG_LEVEL",
         "INFO",
         _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
@@ -752,6 +802,8 @@ def load_settings(config: dict) -> None:
             f"{ENV_PREFIX}_DEFAULT_MAX_TOKENS={config['DEFAULT_MAX_TOKENS']} is "
             f"larger than {ENV_PREFIX}_MAX_MAX_TOKENS={config['MAX_MAX_TOKENS']}."
         )
+    if config["QUEUE_MAX_PER_KEY"] is None:
+        config["QUEUE_MAX_PER_KEY"] = max(1, config["QUEUE_MAX"] // 4)
     # Flask and Werkzeug read these two under their own names.
     config["MAX_CONTENT_LENGTH"] = config["MAX_REQUEST_SIZE"]
     if config["UPSTREAMS"] and single_host:
@@ -765,7 +817,7 @@ def load_settings(config: dict) -> None:
             "name": SINGLE_HOST_NAME,
             "url": upstream_base_url(config),
             "api_token": config["LM_STUDIO_API_TOKEN"],
-            "slots": None,
+            "slots": config["UPSTREAM_SLOTS"],
             "weight": 1.0,
         }
     ]

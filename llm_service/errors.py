@@ -227,6 +227,22 @@ ERROR_CODES: dict[str, ErrorCode] = {
             "`graceful_timeout` ran out",
         ),
         ErrorCode(
+            "queue_full",
+            (503,),
+            "every slot of the model server is busy and the gateway's queue "
+            "(`LLM_SERVICE_QUEUE_MAX`), or this caller's share of it "
+            "(`LLM_SERVICE_QUEUE_MAX_PER_KEY`), is full; decided before any byte "
+            "is sent; `Retry-After` from the recent service rate",
+        ),
+        ErrorCode(
+            "queue_timeout",
+            (503,),
+            "no slot of the model server freed within `LLM_SERVICE_QUEUE_TIMEOUT`;"
+            " `Retry-After` from the recent service rate",
+            in_stream="the same, for a stream already sending `: queued` "
+            "comments; the event carries `retry_after` (seconds)",
+        ),
+        ErrorCode(
             "upstream_timeout",
             (504,),
             "the upstream accepted the request but did not answer within "

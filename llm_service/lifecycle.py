@@ -37,6 +37,11 @@ class Drain:
     def draining(self) -> bool:
         return self._streams_end_at is not None
 
+    def streams_end_in(self) -> float | None:
+        """Seconds until open streams must end; None while not draining."""
+        end = self._streams_end_at
+        return None if end is None else end - time.monotonic()
+
     def streams_must_end(self) -> bool:
         """True once open streams must be ended with ``server_shutting_down``."""
         end = self._streams_end_at
@@ -45,3 +50,8 @@ class Drain:
 
 #: The process's drain state (gunicorn workers are processes: one each).
 drain = Drain()
+
+#: Worker processes gunicorn runs for this app (set by the worker at start, 1
+#: elsewhere): without a shared slot store, each takes its share of a host's
+#: slots (:mod:`llm_service.upstreams.admission`).
+workers = 1

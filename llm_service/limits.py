@@ -26,6 +26,7 @@ log = logging.getLogger("llm_service.limits")
 EXPOSED_HEADERS = [
     CORRELATION_HEADER,
     "X-Process-Time",
+    "X-Queue-Time",
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",

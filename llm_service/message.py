@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, g
 
 from .lmstudio.chunks import Usage, read_chat_chunk
 from .lmstudio.sse import SSEEvent
@@ -45,8 +45,13 @@ def answer(
             "correlation_id": correlation_id(),
             "finish_reason": finish_reason,
             "usage": vars(usage) if usage else None,
+            "queue_time": _rounded(g.get("queue_time")),
         }
     )
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 @bp.post("/message")

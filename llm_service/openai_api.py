@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, g
 
 from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
@@ -49,11 +49,18 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
                 # The upstream's events go out as they came (names, ids and
                 # multi-line data kept), their data never re-encoded.
                 SSEEvent.encode,
-                lambda: DONE,
+                _done,
                 sse,
             )
         )
     return _post(path, payload)
+
+
+def _done() -> bytes:
+    """The end of a relayed stream, after a comment with the time it queued."""
+    waited = g.get("queue_time")
+    comment = f": queue_time={waited:.3f}\n\n".encode() if waited is not None else b""
+    return comment + DONE
 
 
 def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -85,6 +85,9 @@ UPSTREAM_ERRORS = (
     "model_not_found",
     "upstream_rejected_request",
     "no_model_loaded",
+    # It waits for a slot of the model server first (upstreams.admission).
+    "queue_full",
+    "queue_timeout",
     *UPSTREAM_FAILURES,
 )
 #: ... and when it streams its answer.

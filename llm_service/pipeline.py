@@ -62,6 +62,9 @@ def _finish_response(response: Response) -> Response:
     response.headers[CORRELATION_HEADER] = correlation_id()
     response.headers["X-Process-Time"] = f"{elapsed:.6f}"
     response.headers["Via"] = VIA
+    if "queue_time" in g:
+        # Seconds waited for a slot of the model server (see upstreams.queueing).
+        response.headers["X-Queue-Time"] = f"{g.queue_time:.3f}"
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if request.is_secure:
@@ -92,6 +95,7 @@ def _log_access(_error: BaseException | None) -> None:
             "upstream_status": g.get("upstream_status"),
             "upstream_retries": max(0, g.get("upstream_attempts", 0) - 1),
             "upstream_host": g.get("upstream_host"),
+            "queue_ms": (round(g.queue_time * 1000, 2) if "queue_time" in g else None),
         },
     )
 

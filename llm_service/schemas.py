@@ -138,6 +138,13 @@ class MessageResponseSchema(Schema):
     correlation_id = fields.String(required=True)
     finish_reason = fields.String(allow_none=True)
     usage = fields.Nested(UsageSchema, allow_none=True)
+    queue_time = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "Seconds the request waited for a slot of the model "
+            "server (also the `X-Queue-Time` header when not streamed)."
+        },
+    )
 
 
 class ErrorDetailSchema(Schema):

@@ -66,6 +66,7 @@ from gunicorn.http.message import (
 )
 from gunicorn.workers import gthread
 
+from . import lifecycle
 from .config import server_settings
 from .lifecycle import drain
 
@@ -161,6 +162,9 @@ class Worker(gthread.ThreadWorker):
                 "in front of the gateway, or use gunicorn's gthread worker."
             )
         self.header_timeout = server_settings()["CLIENT_HEADER_TIMEOUT"]
+        # Before the app loads: without a shared slot store, each worker takes
+        # its share of a model host's slots.
+        lifecycle.workers = max(1, self.cfg.workers)
         super().init_process()
 
     # Accepting and gathering heads (main thread) -----------------------------

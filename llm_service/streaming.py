@@ -36,6 +36,7 @@ from .lmstudio.errors import LMStudioError
 from .lmstudio.sse import SSEEvent
 from .lmstudio.stream import UpstreamStream
 from .upstreams import disconnects
+from .upstreams.queueing import QueueNotice, SlotStream
 
 log = logging.getLogger("llm_service.streaming")
 
@@ -68,7 +69,7 @@ def event_stream_response(body: Iterable[bytes]) -> Response:
 
 
 def relay(
-    upstream: UpstreamStream,
+    upstream: UpstreamStream | SlotStream,
     render: Renderer,
     finish: Callable[[], bytes],
     error_event: Callable[[dict[str, Any]], bytes],
@@ -97,6 +98,11 @@ def relay(
             if drain.streams_must_end():
                 # The worker stops soon: say so rather than cut the stream.
                 raise ShuttingDownError()
+            if isinstance(event, QueueNotice):
+                # Waiting for a slot: the position, which keeps proxies too.
+                yield bounded(event.data)
+                last_sent = time.monotonic()
+                continue
             if event is None:
                 if time.monotonic() - last_sent >= keepalive:
                     yield bounded(KEEPALIVE)
@@ -124,7 +130,12 @@ def relay(
             upstream.error = err  # e.g. a malformed chunk: the call's record says so
         failure = describe_failure(err)
         log_failure(err, failure)
-        yield bounded(error_event(error_body(failure)))
+        body = error_body(failure)
+        retry_after = failure.headers.get("Retry-After")
+        if retry_after and retry_after.isdigit():
+            # No header can say it any more: the event does.
+            body["error"]["retry_after"] = int(retry_after)
+        yield bounded(error_event(body))
     finally:
         stop_watching()
         upstream.close()

@@ -153,6 +153,8 @@ def main() -> int:
         bundled = server is not None
     if bundled:
         say(SMALL_MODEL_WARNING)
+        # It runs one request at a time: more wait in the gateway's fair queue.
+        os.environ.setdefault("LLM_SERVICE_UPSTREAM_SLOTS", "1")
     say(f"llm-service on http://{bind} (Ctrl-C to stop)")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

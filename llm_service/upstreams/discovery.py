@@ -64,6 +64,10 @@ class Host:
         self._last_models: list[str] = []
         self._last_server: str | None = None
         self._discovered_slots: int | None = None
+        #: Where admission counts this host's slots (its address: shared by
+        #: every gateway using it), and whom to tell of the slots it reports.
+        self.slot_key = name
+        self.on_slots: Callable[[int], None] | None = None
         self._has_props = True
 
     # -- requests in flight --------------------------------------------------
@@ -126,6 +130,8 @@ class Host:
         slots = props.get("total_slots")
         if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
             self._discovered_slots = slots
+            if self.on_slots is not None:
+                self.on_slots(slots)
 
     def health(self, max_age: float) -> HealthReport:
         """The last probe if younger than ``max_age`` seconds, else a new one."""

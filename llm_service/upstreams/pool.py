@@ -26,12 +26,14 @@ every call with its retries, and its health is probed on demand, cached for
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, has_request_context, request
 
@@ -57,6 +59,8 @@ from ..lmstudio.sse import SSEEvent
 from ..lmstudio.stream import UpstreamStream
 from ..lmstudio.watchdog import CallScope
 from ..pipeline import correlation_id
+from . import queueing
+from .admission import Admission, Ticket
 from .affinity import Affinity
 from .breaker import CircuitBreaker
 from .discovery import Discovery, Host
@@ -87,9 +91,12 @@ class Upstream:
         retry_budget: float = 60.0,
         affinity: Affinity | None = None,
         discovery: Discovery | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.hosts = list(hosts)
         self._by_name = {host.name: host for host in self.hosts}
+        #: Slots per host and the fair queue in front of them (:mod:`.admission`).
+        self.admission = admission if admission is not None else Admission()
         #: This process's pseudonym in the ``Via`` header it sends upstream.
         self.via = via
         self.cache_seconds = cache_seconds
@@ -202,6 +209,7 @@ class Upstream:
         return self._call(
             {},
             lambda client, scope, budget: client.get_json(path, scope=scope, **budget),
+            admit=False,  # a listing: no generation to wait for a slot
         )
 
     def list_models(self) -> dict[str, Any]:
@@ -232,8 +240,13 @@ class Upstream:
         ]
         return {"object": "list", "data": data}
 
-    def open_stream(self, path: str, payload: dict[str, Any]) -> FailoverStream:
-        """Start a stream with the app's stream limits (retried until open)."""
+    def open_stream(self, path: str, payload: dict[str, Any]) -> Any:
+        """Start a stream with the app's stream limits (retried until open).
+
+        It holds a slot of its host until it closes. When the first host in line
+        has none free, the stream returned waits in that host's queue first
+        (sending its position as comments) and opens once admitted.
+        """
         config = current_app.config
         limits = {
             "first_token_timeout": config["STREAM_FIRST_TOKEN_TIMEOUT"],
@@ -244,17 +257,27 @@ class Upstream:
         def send(client: LMStudioClient, scope: CallScope, budget: dict) -> Any:
             return client.open_stream(path, payload, scope=scope, **limits, **budget)
 
-        stream = FailoverStream(self, self._plan(payload), send)
+        plan = self._plan(payload)
+        stream = FailoverStream(self, plan, send)
+        plan.ticket = queueing.enter(self.admission, plan.hosts[0].slot_key)
+        if not plan.ticket.admitted:
+
+            def opener(scope: CallScope) -> FailoverStream:
+                stream.open(lambda: contextlib.nullcontext(scope))
+                return stream
+
+            return queueing.SlotStream(plan.ticket, opener=opener)
+        queueing.record_wait(plan.ticket)
         stream.open(hangup_scope)
         return stream
 
     # -- placing, calling, failing over --------------------------------------
 
-    def _plan(self, payload: dict[str, Any]) -> _Plan:
+    def _plan(self, payload: dict[str, Any], admit: bool = True) -> _Plan:
         """The hosts to try for ``payload``, best first, and its one budget."""
         model = str(payload.get("model") or "")
         if not self.several:
-            return _Plan(self, self.hosts, None)
+            return _Plan(self, self.hosts, None, admit)
         self._know_every_host()
         key = None
         affine = None
@@ -263,20 +286,33 @@ class Upstream:
             affine = self.affinity.get(key) if key else None
         states = [host.state() for host in self.hosts]
         names = rank(model, states, affinity=affine)
-        return _Plan(self, [self._by_name[name] for name in names], key)
+        return _Plan(self, [self._by_name[name] for name in names], key, admit)
 
-    def _call(self, payload: dict[str, Any], send: Send) -> Any:
-        result, release, _host = self._plan(payload).run(send, hangup_scope)
+    def _call(self, payload: dict[str, Any], send: Send, admit: bool = True) -> Any:
+        result, release, _host = self._plan(payload, admit).run(send, hangup_scope)
         release()
         return result
 
-    def acquire(self, host: Host) -> Callable[[], None]:
-        """Take a place at ``host`` for one call or stream; return its release.
+    def acquire(self, host: Host, ticket: Ticket | None = None) -> Callable[[], None]:
+        """Take a slot at ``host`` for one call or stream; return its release.
 
-        The seam for admission: the chosen host is known, nothing is sent yet.
-        The release is called once the call returns or the stream closes.
+        The chosen host is known, nothing is sent yet: the request waits in the
+        host's fair queue for a slot (``ticket``: a place it already has). The
+        release is called once the call returns or the stream closes.
         """
-        return host.acquire()
+        ticket = ticket or queueing.enter(self.admission, host.slot_key)
+        try:
+            queueing.wait(ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        leave = host.acquire()
+
+        def release() -> None:
+            leave()
+            ticket.release()
+
+        return release
 
     def _request_host(self) -> Host | None:
         name = g.get("upstream_host") if has_request_context() else None
@@ -428,6 +464,11 @@ def _may_fail_over(error: LMStudioError) -> bool:
     return error.retryable and (error.status is None or error.status in RETRY_STATUSES)
 
 
+def _in_flight_only(host: Host, _ticket: Ticket | None) -> Callable[[], None]:
+    """Count a call that takes no slot (a listing) in flight at ``host``."""
+    return host.acquire()
+
+
 class _Plan:
     """One request's hosts in order, and the one budget it shares between them.
 
@@ -435,10 +476,16 @@ class _Plan:
     attempts left. No attempt starts after the budget's deadline.
     """
 
-    def __init__(self, pool: Upstream, hosts: list[Host], key: str | None) -> None:
+    def __init__(
+        self, pool: Upstream, hosts: list[Host], key: str | None, admit: bool = True
+    ) -> None:
         self.pool = pool
         self.hosts = hosts
         self.key = key
+        #: False for calls that take no slot (``GET /v1/models``).
+        self.admit = admit
+        #: A place in the first host's queue the request already holds.
+        self.ticket: Ticket | None = None
         self.deadline = time.monotonic() + pool.retry_budget
         self.tries = pool.retries + 1
         self._next = 0
@@ -455,7 +502,9 @@ class _Plan:
             last = self._next >= len(self.hosts) or self.tries <= 1
             retries = self.tries - 1 if last else 0
             budget = {"deadline": self.deadline, "retries": retries}
-            release = self.pool.acquire(host)
+            ticket, self.ticket = self.ticket, None
+            admit = self.pool.acquire if self.admit else _in_flight_only
+            release = admit(host, ticket)
             try:
                 with self.pool._heard(host), scope() as call_scope:
                     result = send(host.client, call_scope, budget)
@@ -677,6 +726,13 @@ def init_app(app: Flask) -> None:
         )
         for entry in config["UPSTREAM_HOSTS"]
     ]
+    admission = queueing.build_admission(config)
+    for host, entry in zip(hosts, config["UPSTREAM_HOSTS"], strict=True):
+        # Slots are shared by every gateway using the same server (Redis leases):
+        # named by its address, not by this gateway's name for it.
+        host.slot_key = _host_name(entry["url"])
+        admission.configure(host.slot_key, host.configured_slots)
+        host.on_slots = functools.partial(admission.discovered, host.slot_key)
     several = len(hosts) > 1
     affinity = None
     if several and config["AFFINITY"]:
@@ -694,8 +750,16 @@ def init_app(app: Flask) -> None:
         retry_budget=config["LM_STUDIO_RETRY_BUDGET"],
         affinity=affinity,
         discovery=discovery,
+        admission=admission,
     )
     app.before_request(_refuse_loops)
+
+
+def _host_name(url: str) -> str:
+    """A host's name for its slots: ``host:port``, shared by every gateway using it."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}{parts.path}"
 
 
 def get_upstream() -> Upstream:

@@ -242,6 +242,9 @@ class FakeLMStudio(LoopbackHTTPServer):
 
     - ``max_context_length``, ``max_connections``.
 
+    ``peak_generations`` records the most generations (chat and text
+    completions) ever under way at once: what a gateway admitted.
+
     With ``lmstudio=False`` it also behaves like llama-cpp-python's FastAPI
     server where that differs: an unknown path is ``404 {"detail": "Not
     Found"}``, an ``X-Request-ID`` that is not a UUID gets an empty 400, any
@@ -288,6 +291,8 @@ class FakeLMStudio(LoopbackHTTPServer):
         self._faults: list[Fault] = []
         self._completion_ids = itertools.count(1)
         self._generations = 0  # generations under way
+        #: Most generations ever under way at once (reset it to 0 to measure).
+        self.peak_generations = 0
 
     # -- faults ------------------------------------------------------------
 
@@ -655,6 +660,9 @@ class _Handler(ConnectionHandler):
     ) -> None:
         with self.fake._lock:
             self.fake._generations += 1
+            self.fake.peak_generations = max(
+                self.fake.peak_generations, self.fake._generations
+            )
         try:
             self._generate_answer(kind, body, prompt_tokens, fault)
         finally:
@@ -918,6 +926,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-timeout", type=float, default=5.0)
     parser.add_argument("--stream-interval", type=float, default=0.05)
     parser.add_argument("--first-token-delay", type=float, default=0.0)
+    parser.add_argument("--max-connections", type=int, default=256)
     parser.add_argument(
         "--llama-cpp",
         action="store_true",
@@ -939,6 +948,7 @@ def main(argv: list[str] | None = None) -> None:
         idle_timeout=args.idle_timeout,
         stream_interval=args.stream_interval,
         first_token_delay=args.first_token_delay,
+        max_connections=args.max_connections,
     ).start()
     stopping = threading.Event()
     # Handlers set explicitly: a process started in the background inherits

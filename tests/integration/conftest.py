@@ -15,6 +15,8 @@ FAST_FAILURE = {
     "LM_STUDIO_RETRY_BUDGET": 10,
     "HEALTH_CACHE_SECONDS": 0,
     "RATE_LIMIT_REQUESTS": 100000,
+    # The fake runs any number of requests at once: no queue unless a test asks.
+    "UPSTREAM_SLOTS": 1000,
 }
 
 

@@ -50,7 +50,7 @@ def test_one_gthread_process_with_many_threads(settings):
     # gthread with a deadline for request heads (llm_service/server.py).
     assert conf["worker_class"] == "llm_service.server.Worker"
     assert conf["workers"] == 1
-    assert conf["threads"] == 1024
+    assert conf["threads"] == 4096
     assert conf["worker_connections"] > conf["threads"]
 
 
