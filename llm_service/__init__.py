@@ -30,7 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
 
-    from . import config, errors, limits, logs, pipeline, upstream
+    from . import auth, config, db, errors, limits, logs, pipeline, upstream
 
     config.load_settings(app.config)
     logs.init_app(app)
@@ -38,6 +38,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     pipeline.init_app(app)
     errors.init_app(app)
     upstream.init_app(app)
+    db.init_app(app)
+    auth.init_app(app)
 
     from . import cli, health, message, openai_api, openapi
 

@@ -169,6 +169,18 @@ def _storage_uri(name: str, value: Any) -> str:
     return text
 
 
+def _database_url(name: str, value: Any) -> str | None:
+    text = _optional_text(name, value)
+    if text is None:
+        return None
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme.split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
+        raise _fail(
+            name, value, "a database URL such as sqlite:///path or postgresql://host/db"
+        )
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("LM_STUDIO_HOST", "localhost", _host, "LM Studio host."),
     Setting("LM_STUDIO_PORT", 1234, _integer(1, 65535), "LM Studio port."),
@@ -322,6 +334,55 @@ SETTINGS: tuple[Setting, ...] = (
         _integer(0, 10),
         "Number of reverse proxies in front of the gateway whose "
         "`X-Forwarded-*` headers are trusted.",
+    ),
+    Setting(
+        "AUTH",
+        "auto",
+        _choice("auto", "required", "off"),
+        "API keys: `auto` requires a key once one has ever been created (`flask "
+        "keys create`), `required` always, `off` never (then the gateway may not "
+        "listen beyond loopback without this set explicitly).",
+    ),
+    Setting(
+        "AUTH_CACHE_SECONDS",
+        5.0,
+        _seconds(allow_zero=True),
+        "How long each worker reuses the key set it read from the database; a "
+        "revocation takes effect within this time.",
+    ),
+    Setting(
+        "DOCS_PUBLIC",
+        True,
+        _boolean,
+        "Serve `/docs` and `/openapi.json` without a key (`false`: a key is "
+        "needed once keys are required).",
+    ),
+    Setting(
+        "DATABASE_URL",
+        None,
+        _database_url,
+        "Where keys and usage records live: SQLite in `instance/llm-service.db` by "
+        "default; `postgresql://user:pass@host/db` for several instances.",
+    ),
+    Setting(
+        "USAGE_BUFFER_SIZE",
+        10000,
+        _integer(1),
+        "Usage records held in memory while the database is slow or down; past "
+        "it, records are dropped, counted and logged.",
+    ),
+    Setting(
+        "USAGE_FLUSH_SECONDS",
+        1.0,
+        _seconds(),
+        "How often the background writer stores buffered usage records.",
+    ),
+    Setting(
+        "QUOTA_LEASE_SECONDS",
+        60.0,
+        _seconds(),
+        "A concurrency slot held by a gateway that died is free again after this "
+        "long (leases of live requests are renewed).",
     ),
 )
 

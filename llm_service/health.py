@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, url_for
 
 from . import __version__
+from .auth import health_details_allowed
 from .errors import UNAVAILABLE_RETRY_AFTER
 from .lmstudio import HealthReport
 from .openapi import documented
@@ -78,7 +79,10 @@ def index():
 @bp.get("/health")
 @documented(answers={200: HealthSchema, 503: HealthSchema})
 def health():
-    """Report the service and its upstream; 503 when the upstream does not answer."""
+    """Report the service and its upstream; 503 when the upstream does not answer.
+
+    Once API keys exist, the upstream's details are shown to admin keys only.
+    """
     report = get_upstream().health()
     body = {
         "status": "ok" if report.reachable else "unavailable",
@@ -87,7 +91,12 @@ def health():
         "uptime_seconds": _uptime(),
         "lm_studio": _upstream_view(report),
     }
-    return _answer(body, report.reachable, "upstream_unavailable", _unreachable(report))
+    reason = _unreachable(report)
+    if not health_details_allowed():
+        # Once keys exist, only admin keys see the upstream and its errors.
+        del body["lm_studio"]
+        reason = "The upstream model server is not reachable."
+    return _answer(body, report.reachable, "upstream_unavailable", reason)
 
 
 @bp.get("/health/live")

@@ -74,6 +74,11 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         (504,),
         "a streamed answer did not start in time",
     ),
+    "invalid_api_key": ((401,), "no API key, or not a valid one"),
+    "api_key_expired": ((401,), "the API key is past its expiry"),
+    "api_key_revoked": ((401,), "the API key was revoked"),
+    "model_not_allowed": ((403,), "the API key may not use the requested model"),
+    "auth_unavailable": ((503,), "the keys cannot be read (database down at start)"),
 }
 #: What any route can answer, whatever it does.
 COMMON_ERRORS = ("bad_request", "method_not_allowed", "internal_error")
@@ -270,7 +275,11 @@ def build_spec(app: Flask) -> dict[str, Any]:
         spec.path(path=_PLACEHOLDER.sub(r"{\1}", rule.rule), operations=operations)
     for tag, description in tags.items():
         spec.tag({"name": tag, "description": description})
-    return spec.to_dict()
+    document = spec.to_dict()
+    from .auth import PROTECTED_BLUEPRINTS, document_security
+
+    document_security(document, PROTECTED_BLUEPRINTS)
+    return document
 
 
 def api_spec() -> dict[str, Any]:

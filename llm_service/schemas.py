@@ -188,7 +188,8 @@ class HealthSchema(Schema):
     service = fields.String(required=True)
     version = fields.String(required=True)
     uptime_seconds = fields.Float(required=True)
-    lm_studio = fields.Nested(UpstreamHealthSchema, required=True)
+    # Absent for callers without an admin key once keys exist.
+    lm_studio = fields.Nested(UpstreamHealthSchema)
     correlation_id = fields.String(required=True)
     error = fields.Nested(ErrorDetailSchema)
 

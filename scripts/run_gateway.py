@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from llm_service import create_app  # noqa: E402
 from llm_service import local_backend as backend  # noqa: E402
+from llm_service.auth import check_start  # noqa: E402
 from llm_service.config import ConfigError  # noqa: E402
 
 
@@ -66,6 +67,12 @@ def main() -> int:
     except ConfigError as err:
         print(f"llm-service: configuration error: {err}", file=sys.stderr)
         return 3
+    bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+    try:
+        check_start([bind])  # before any model server starts; gunicorn checks too
+    except SystemExit as refusal:
+        print(refusal, file=sys.stderr)
+        return 3
     url = config["LM_STUDIO_BASE_URL"]
     server = None
     if backend.is_model_server_up(url):
@@ -83,7 +90,6 @@ def main() -> int:
                 f"llm-service: the bundled model server failed: {err}", file=sys.stderr
             )
             return 4
-    bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
     say(f"llm-service on http://{bind} (Ctrl-C to stop)")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

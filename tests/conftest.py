@@ -19,6 +19,8 @@ TEST_CONFIG = {
     "LM_STUDIO_URL": UPSTREAM,
     "HEALTH_CACHE_SECONDS": 0,
     "LOG_LEVEL": "DEBUG",
+    # A private in-memory database: never the developer's instance/ one.
+    "DATABASE_URL": "sqlite://",
 }
 
 
