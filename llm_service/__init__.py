@@ -30,7 +30,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
 
-    from . import auth, config, db, errors, limits, logs, pipeline, upstream
+    from . import (
+        auth,
+        config,
+        db,
+        errors,
+        limits,
+        logs,
+        pipeline,
+        quotas,
+        upstream,
+        usage,
+    )
 
     config.load_settings(app.config)
     logs.init_app(app)
@@ -40,12 +51,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     upstream.init_app(app)
     db.init_app(app)
     auth.init_app(app)
+    usage.init_app(app)
+    quotas.init_app(app)
 
-    from . import cli, health, message, openai_api, openapi
+    from . import cli, health, message, openai_api, openapi, usage_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(message.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(usage_api.bp)
     openapi.init_app(app)
     cli.init_app(app)
     return app

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import translate
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, current_app, g, request
@@ -429,6 +430,7 @@ def init_app(app: Flask) -> None:
 AUTH_CODES = {
     401: ("invalid_api_key", "api_key_expired", "api_key_revoked"),
     403: ("model_not_allowed",),
+    429: ("token_quota_exceeded", "concurrency_limit_exceeded"),
     503: ("auth_unavailable",),
 }
 
@@ -454,15 +456,13 @@ def document_security(document: dict[str, Any], protected_tags: Iterable[str]) -
             responses = operation["responses"]
             template = responses.get("400") or next(iter(responses.values()))
             for status, codes in AUTH_CODES.items():
-                if status == 403 and method != "post":
+                if status in (403, 429) and method != "post":
                     continue
                 lines = "\n".join(f"- `{c}`: {ERROR_CODES[c][1]}." for c in codes)
                 if str(status) in responses:
                     responses[str(status)]["description"] += "\n" + lines
                     continue
-                phrase = {401: "Unauthorized", 403: "Forbidden"}.get(
-                    status, "Service Unavailable"
-                )
+                phrase = HTTPStatus(status).phrase
                 responses[str(status)] = {
                     "description": f"{phrase}.\n\n{lines}",
                     "headers": dict(template.get("headers", {})),

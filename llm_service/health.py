@@ -6,7 +6,7 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify, url_for
 
-from . import __version__
+from . import __version__, quotas
 from .auth import health_details_allowed
 from .errors import UNAVAILABLE_RETRY_AFTER
 from .lmstudio import HealthReport
@@ -96,6 +96,8 @@ def health():
         # Once keys exist, only admin keys see the upstream and its errors.
         del body["lm_studio"]
         reason = "The upstream model server is not reachable."
+    else:
+        body.update(quotas.health_details())
     return _answer(body, report.reachable, "upstream_unavailable", reason)
 
 

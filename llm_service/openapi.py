@@ -79,6 +79,15 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "api_key_revoked": ((401,), "the API key was revoked"),
     "model_not_allowed": ((403,), "the API key may not use the requested model"),
     "auth_unavailable": ((503,), "the keys cannot be read (database down at start)"),
+    "token_quota_exceeded": (
+        (429,),
+        "over the key's tokens per minute (or one request reserves more than it)",
+    ),
+    "concurrency_limit_exceeded": (
+        (429,),
+        "the key has as many requests in flight as it may",
+    ),
+    "usage_unavailable": ((503,), "the usage records cannot be read right now"),
 }
 #: What any route can answer, whatever it does.
 COMMON_ERRORS = ("bad_request", "method_not_allowed", "internal_error")
