@@ -194,7 +194,11 @@ def load_key_set(bind: Engine) -> KeySet:
 
 
 class KeyCache:
-    """One worker's key set: reused for ``ttl`` seconds, refreshed in background."""
+    """One worker's key set, read again when older than ``ttl`` seconds.
+
+    While the database is down the last set stays in use and is retried in
+    the background, so no request waits for a database that does not answer.
+    """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -204,6 +208,7 @@ class KeyCache:
         self._refreshing = False
         self._ever = False  # sticky: once keys existed, they stay required
         self._reload = False
+        self._failing = False
 
     def current(self, bind: Engine) -> KeySet:
         keys = self._keys
@@ -220,6 +225,21 @@ class KeyCache:
                         if self._keys is None:
                             raise
                 return self._keys
+        if not self._failing:
+            # Stale: one request reads the keys again (a revocation holds from
+            # now on); the others go on with the set they have meanwhile.
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._store(load_key_set(bind))
+                except AuthUnavailableError as err:
+                    log.warning(
+                        "could not read API keys (keeping the last set): %s", err
+                    )
+                    self._failing = True
+                finally:
+                    self._lock.release()
+            return self._keys
+        # While the database is down, retry in the background: no request waits.
         with self._lock:
             start = not self._refreshing
             self._refreshing = True
@@ -243,13 +263,13 @@ class KeyCache:
     def _refresh(self, bind: Engine) -> None:
         try:
             keys = load_key_set(bind)
-        except AuthUnavailableError as err:
-            # Keep the last set; try again at the next stale use.
-            log.warning("could not refresh API keys (keeping the last set): %s", err)
-            self._loaded_at = time.monotonic() - self.ttl / 2
+        except AuthUnavailableError:
+            pass  # keep the last set; try again at the next stale use
         else:
             with self._lock:
                 self._store(keys)
+                self._failing = False
+            log.info("API keys read again after a database outage")
         finally:
             self._refreshing = False
 

@@ -259,7 +259,8 @@ class UsageLog:
                 )
                 self._thread.start()
                 atexit.register(self.flush, 5.0)
-            if len(self._queue) >= BATCH_SIZE:
+            if len(self._queue) in (1, BATCH_SIZE):
+                # Wake the writer: to start gathering a batch, or to write one.
                 self._cond.notify_all()
 
     def stats(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs that pip cannot provide.
 #
-# Chromium, for the browser test of /docs (tests/browser), and Redis, for the
-# shared rate-limit test (tests/integration/test_redis_limits.py). The
+# Chromium, for the browser test of /docs (tests/browser), Redis, for the
+# shared rate-limit and quota tests (tests/integration/test_redis_limits.py,
+# test_quotas_redis.py), and PostgreSQL, for the key and usage tests against a
+# real server (tests/integration/test_keys.py starts a throwaway cluster). The
 # script is idempotent: it runs `apt-get update` and `apt-get install` only when
 # a package is missing, says what it does, and uses sudo only when not root.
 set -euo pipefail
@@ -11,6 +13,7 @@ set -euo pipefail
 declare -A PACKAGES=(
     [chromium]=/usr/bin/chromium
     [redis-server]=/usr/bin/redis-server
+    [postgresql]=/usr/lib/postgresql/15/bin/initdb
 )
 
 say() { printf '>> %s\n' "$*"; }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -143,5 +145,36 @@ def test_a_full_buffer_drops_counts_and_logs(caplog):
         assert buffer.stats()["dropped"] == 3
         assert buffer.stats()["buffered"] == 2
         assert "3 record(s) dropped" in caplog.text or "dropped" in caplog.text
+    finally:
+        buffer.stop()
+
+
+def test_the_writer_wakes_for_every_record(tmp_path, app_factory):
+    app = app_factory(DATABASE_URL=f"sqlite:///{tmp_path}/w.db")
+    from llm_service import db
+
+    db.prepare(app)
+    with app.app_context():
+        engine = db.engine()
+    buffer = usage.UsageLog(capacity=10, flush_seconds=0.01)
+    row = {
+        "created_at": datetime(2025, 1, 1),
+        "route": "r",
+        "status": 200,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "usage_estimated": False,
+        "latency_ms": 1.0,
+        "correlation_id": "c",
+    }
+    try:
+        buffer.put({**row, "id": "first"}, engine)
+        assert buffer.flush(5)
+        time.sleep(0.1)  # the writer is idle again
+        buffer.put({**row, "id": "second"}, engine)
+        deadline = time.monotonic() + 5  # not flush(): it would wake the writer
+        while buffer.stats()["written"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert buffer.stats()["written"] == 2
     finally:
         buffer.stop()
