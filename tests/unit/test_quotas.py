@@ -148,3 +148,18 @@ def test_openapi_lists_the_quota_codes(client):
     described = chat_op["post"]["responses"]["429"]["description"]
     assert "token_quota_exceeded" in described
     assert "concurrency_limit_exceeded" in described
+
+
+def test_redis_down_falls_back_to_process_counters_and_says_so(make_app, upstream):
+    from tests.servers import free_port
+
+    app = make_app(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
+    key = create_key(app, "alice", "--rpm", "1")
+    client = app.test_client()
+    upstream.post(CHAT, json=COMPLETION)
+    upstream.get(f"{UPSTREAM}/v1/models", json={"object": "list", "data": []})
+    assert chat(client, key).status_code == 200  # admitted all the same
+    assert chat(client, key).status_code == 429  # and still limited
+    status = client.get("/health").get_json()["quotas"]
+    assert status["storage"] == "memory"
+    assert status["degraded"] is True
