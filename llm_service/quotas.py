@@ -63,6 +63,9 @@ REFUSALS = {
     ),
 }
 
+# KEYS: requests (zset of ids by time), tokens (zset of "id:tokens" by time),
+# leases (zset of ids by expiry), tokens total (the tokens zset's sum, kept so
+# an admission costs O(log n), not a walk of the window).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -70,6 +73,7 @@ local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens, id = tonumber(ARGV[4]), ARGV[5]
 local lease, window = tonumber(ARGV[6]), tonumber(ARGV[7])
 local reqs, used, req_reset, tok_reset = 0, 0, 0, 0
+local function amount(member) return tonumber(string.match(member, ':(%d+)$')) end
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   reqs = redis.call('ZCARD', KEYS[1])
@@ -80,16 +84,25 @@ if rpm > 0 then
   if reqs >= rpm then return {0, 1, req_reset, reqs, 0, req_reset, 0} end
 end
 if tpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    used = used + tonumber(string.match(entries[i], ':(%d+)$'))
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if #expired > 0 then
+    local gone = 0
+    for i = 1, #expired do gone = gone + amount(expired[i]) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+    redis.call('DECRBY', KEYS[4], gone)
   end
-  if #entries > 0 then tok_reset = tonumber(entries[2]) + window - now end
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('DEL', KEYS[4])
+  else
+    used = tonumber(redis.call('GET', KEYS[4]) or '0')
+    tok_reset = tonumber(first[2]) + window - now
+  end
   if used + tokens > tpm then
+    local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
     local need, freed, wait = used + tokens - tpm, 0, window
     for i = 1, #entries, 2 do
-      freed = freed + tonumber(string.match(entries[i], ':(%d+)$'))
+      freed = freed + amount(entries[i])
       if freed >= need then
         wait = tonumber(entries[i + 1]) + window - now
         break
@@ -113,21 +126,26 @@ if rpm > 0 then
 end
 if tpm > 0 and tokens > 0 then
   redis.call('ZADD', KEYS[2], now, id .. ':' .. tokens)
+  redis.call('INCRBY', KEYS[4], tokens)
   redis.call('PEXPIRE', KEYS[2], window)
+  redis.call('PEXPIRE', KEYS[4], window)
   if used == 0 then tok_reset = window end
 end
 return {1, 0, 0, reqs + 1, used + tokens, req_reset, tok_reset}
 """
 
+# KEYS: tokens, leases, tokens total. ARGV: id, reserved, actual, release lease.
 _FINISH = """
 if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 local old = ARGV[1] .. ':' .. ARGV[2]
 local score = redis.call('ZSCORE', KEYS[1], old)
 if score then
   redis.call('ZREM', KEYS[1], old)
-  if tonumber(ARGV[3]) > 0 then
-    redis.call('ZADD', KEYS[1], score, ARGV[1] .. ':' .. ARGV[3])
+  local actual = tonumber(ARGV[3])
+  if actual > 0 then
+    redis.call('ZADD', KEYS[1], score, ARGV[1] .. ':' .. actual)
   end
+  redis.call('INCRBY', KEYS[3], actual - tonumber(ARGV[2]))
 end
 return 1
 """
@@ -165,10 +183,15 @@ class Admission:
     verdict: Verdict
 
 
-def _keys(key_id: int) -> tuple[str, str, str]:
-    # One hash tag per key: its three sets live on one Redis Cluster slot.
+def _keys(key_id: int) -> tuple[str, str, str, str]:
+    # One hash tag per key: its keys live on one Redis Cluster slot.
     base = f"llm_service:quota:{{{key_id}}}"
-    return f"{base}:requests", f"{base}:tokens", f"{base}:leases"
+    return (
+        f"{base}:requests",
+        f"{base}:tokens",
+        f"{base}:leases",
+        f"{base}:tokens-total",
+    )
 
 
 class RedisQuotas:
@@ -203,9 +226,9 @@ class RedisQuotas:
         return Verdict(bool(result[0]), *(int(v) for v in result[1:]))
 
     def finish(self, admission: Admission, actual: int) -> None:
-        _, tokens_key, leases_key = _keys(admission.key_id)
+        _, tokens_key, leases_key, total_key = _keys(admission.key_id)
         self._finish(
-            keys=[tokens_key, leases_key],
+            keys=[tokens_key, leases_key, total_key],
             args=[
                 admission.request_id,
                 admission.reserved,
@@ -225,8 +248,10 @@ class RedisQuotas:
 
 @dataclass
 class _KeyWindows:
-    requests: deque = field(default_factory=deque)  # times (ms)
-    tokens: dict = field(default_factory=dict)  # request id -> [time, tokens]
+    requests: deque = field(default_factory=deque)  # times (ms), oldest first
+    tokens: deque = field(default_factory=deque)  # [time, id, tokens], oldest first
+    by_id: dict = field(default_factory=dict)  # request id -> its tokens entry
+    total: int = 0  # sum of the tokens entries
     leases: set = field(default_factory=set)
 
 
@@ -245,20 +270,21 @@ class MemoryQuotas:
             windows = self._keys.setdefault(caller.key_id, _KeyWindows())
             while windows.requests and windows.requests[0] <= now - WINDOW_MS:
                 windows.requests.popleft()
-            for rid in [
-                rid for rid, (at, _) in windows.tokens.items() if at <= now - WINDOW_MS
-            ]:
-                del windows.tokens[rid]
+            while windows.tokens and windows.tokens[0][0] <= now - WINDOW_MS:
+                _, gone, amount = windows.tokens.popleft()
+                windows.by_id.pop(gone, None)
+                windows.total -= amount
             reqs = len(windows.requests)
             req_reset = int(windows.requests[0] + WINDOW_MS - now) if reqs else 0
             if caller.rpm and reqs >= caller.rpm:
                 return Verdict(False, 1, req_reset, reqs, 0, req_reset, 0)
-            entries = sorted(windows.tokens.values())
-            used = sum(amount for _, amount in entries)
-            tok_reset = int(entries[0][0] + WINDOW_MS - now) if entries else 0
+            used = windows.total
+            tok_reset = (
+                int(windows.tokens[0][0] + WINDOW_MS - now) if windows.tokens else 0
+            )
             if caller.tpm and used + tokens > caller.tpm:
                 need, freed, wait = used + tokens - caller.tpm, 0, WINDOW_MS
-                for at, amount in entries:
+                for at, _, amount in windows.tokens:
                     freed += amount
                     if freed >= need:
                         wait = int(at + WINDOW_MS - now)
@@ -274,7 +300,10 @@ class MemoryQuotas:
                 windows.requests.append(now)
                 req_reset = req_reset or WINDOW_MS
             if caller.tpm and tokens:
-                windows.tokens[request_id] = [now, tokens]
+                entry = [now, request_id, tokens]
+                windows.tokens.append(entry)
+                windows.by_id[request_id] = entry
+                windows.total += tokens
                 tok_reset = tok_reset or WINDOW_MS
             return Verdict(True, 0, 0, reqs + 1, used + tokens, req_reset, tok_reset)
 
@@ -284,9 +313,10 @@ class MemoryQuotas:
             if windows is None:
                 return
             windows.leases.discard(admission.request_id)
-            entry = windows.tokens.get(admission.request_id)
+            entry = windows.by_id.get(admission.request_id)
             if entry is not None:
-                entry[1] = actual
+                windows.total += actual - entry[2]
+                entry[2] = actual
 
     def renew(self, leases: list[tuple[int, str]], lease_ms: int) -> None:
         """Process-local leases end with the process: nothing to renew."""

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from tests.databases import RedisServer
@@ -32,6 +33,8 @@ def cluster(fake, redis_url, tmp_path):
     """Make keys, then start two instances x two workers on one database + Redis."""
     database = f"sqlite:///{tmp_path}/gateway.db"
     env = gunicorn_env(tmp_path, DATABASE_URL=database)
+    # Key ids restart at 1 in each test's database: start from empty counters.
+    redis.Redis.from_url(redis_url).flushdb()
     started: list[GatewayServer] = []
 
     def start(*key_options: list[str]) -> tuple[list[str], list[GatewayServer]]:
@@ -150,3 +153,23 @@ def kill_instance(gateway: GatewayServer) -> None:
     for pid in [master, *map(int, children)]:
         os.kill(pid, signal.SIGKILL)
     gateway.process.wait(10)
+
+
+def test_tokens_are_reserved_then_settled_in_redis(cluster, redis_url):
+    (key,), gateways = cluster(["--tpm", "1000"])
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {**HELLO, "max_tokens": 500}
+    url = f"{gateways[0].url}/v1/chat/completions"
+    first = requests.post(url, json=body, headers=headers, timeout=30)
+    reserved = 1000 - int(first.headers["x-ratelimit-remaining-tokens"])
+    assert reserved > 500  # prompt estimate + max_tokens
+    used = first.json()["usage"]["total_tokens"]
+    second = requests.post(
+        f"{gateways[1].url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    )
+    # The first request now counts for what it used, not what it reserved.
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == 1000 - used - reserved
+    total = redis.Redis.from_url(redis_url).get(
+        next(k for k in redis.Redis.from_url(redis_url).keys("*tokens-total*"))
+    )
+    assert int(total) == 2 * used
