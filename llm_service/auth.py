@@ -354,6 +354,8 @@ def health_details_allowed() -> bool:
 def _exempt_from_address_limit() -> bool:
     # A valid key has its own quotas; everyone else (wrong keys included)
     # counts against the per-address limit.
+    if presented_key() is None:
+        return False
     try:
         return not identity().caller.anonymous
     except Exception:  # the limiter would take an error for a storage outage
@@ -425,8 +427,10 @@ def check_model(caller: Caller, model: str | None) -> None:
 
 
 def _enforce() -> None:
-    found = identity()
     protected = _is_protected()
+    if not protected and presented_key() is None:
+        return  # public and anonymous: no key set needed (liveness never waits)
+    found = identity()
     if found.failure is not None and found.presented and not protected:
         _count_failure_on_public_route()
     if not protected:

@@ -394,3 +394,10 @@ def test_exposure_problem_names_the_fix(make_app):
     assert auth.exposure_problem(make_app(AUTH="off"), ["0.0.0.0:8000"]) is None
     create_key(app)
     assert auth.exposure_problem(app, ["0.0.0.0:8000"]) is None
+
+
+def test_public_routes_without_a_key_never_read_the_keys(app):
+    client = app.test_client()
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    assert app.extensions[auth.EXTENSION]._keys is None  # never loaded
