@@ -228,3 +228,22 @@ def test_postgresql_down_mid_load_fails_nothing_and_loses_nothing(fake, tmp_path
         assert len(records(postgres.url)) == 50
         assert "usage records not written yet" in logs
         assert "written again after a database outage" in logs
+
+
+def test_a_stopping_worker_writes_the_records_it_holds(fake, tmp_path):
+    database = f"sqlite:///{tmp_path}/gateway.db"
+    settings = {
+        "LM_STUDIO_URL": fake.url,
+        "DATABASE_URL": database,
+        "USAGE_FLUSH_SECONDS": 60,  # nothing is written before the stop
+    }
+    with GatewayServer(settings) as gateway:
+        for _ in range(3):
+            response = requests.post(
+                f"{gateway.url}/v1/chat/completions",
+                json={"model": MODEL, "messages": HELLO},
+                timeout=30,
+            )
+            assert response.status_code == 200
+        assert records(database) == []
+    assert len(records(database)) == 3  # written on SIGTERM
