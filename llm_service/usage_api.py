@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from flask import Blueprint, request
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -60,6 +62,8 @@ def own_usage():
         ) from None
     by_model = [{k: v for k, v in row.items() if k != "key"} for row in rows]
     totals = {name: sum(row[name] for row in rows) for name in COUNTS}
+    # Stored naive; answered as RFC 3339 UTC.
+    since, until = since.replace(tzinfo=UTC), until.replace(tzinfo=UTC)
     return schema.dump(
         {
             "key": caller.name,

@@ -112,6 +112,8 @@ def test_v1_usage_answers_the_callers_own_usage(app, upstream):
     assert app.extensions[usage.EXTENSION].flush(5)
     body = client.get("/v1/usage", headers=bearer(alice)).get_json()
     assert body["key"] == "alice"
+    assert body["since"].endswith("T00:00:00+00:00")  # RFC 3339, UTC
+    assert body["until"].endswith("+00:00")
     assert (body["requests"], body["prompt_tokens"]) == (2, 10)
     assert (body["completion_tokens"], body["total_tokens"]) == (4, 14)
     assert body["by_model"] == [
