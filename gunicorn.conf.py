@@ -97,8 +97,12 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Raise the open-file limit: every stream holds two sockets."""
+    """Refuse an open bind without keys; raise the open-file limit."""
+    from llm_service.auth import check_start
+
+    check_start(server.cfg.bind)  # exits with one line naming the fix
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Every stream holds two sockets.
     wanted = min(hard, max(soft, 4 * worker_connections + 64))
     if wanted > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

@@ -24,19 +24,27 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     )
     # Tests never read a developer's instance/config.py.
     config.read_layers(app.config, test_config)
+
+    from . import auth, db, quotas, usage
+
     logs.init_app(app)
     limits.init_app(app)
     pipeline.init_app(app)
     errors.init_app(app)
     upstreams.init_app(app)
+    db.init_app(app)
+    auth.init_app(app)
+    usage.init_app(app)
+    quotas.init_app(app)
     metrics.init_app(app)
     tracing.init_app(app)
 
-    from . import cli, health, message, openai_api, openapi, status
+    from . import cli, health, message, openai_api, openapi, status, usage_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(message.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(usage_api.bp)
     status.init_app(app)
     openapi.init_app(app)
     cli.init_app(app)

@@ -1,4 +1,4 @@
-"""``flask lmstudio ping`` and ``flask lmstudio check``: upstream diagnostics."""
+"""``flask lmstudio ping|check``: upstream diagnostics; ``flask keys``: keys_cli."""
 
 from __future__ import annotations
 
@@ -158,3 +158,6 @@ def _diagnose(generate: bool) -> _Steps:
 def init_app(app: Flask) -> None:
     """Add the ``lmstudio`` command group to the app's CLI."""
     app.cli.add_command(lmstudio)
+    from .keys_cli import keys
+
+    app.cli.add_command(keys)

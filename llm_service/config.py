@@ -357,7 +357,6 @@ SINGLE_HOST_SETTINGS = (
     "LM_STUDIO_HOST",
     "LM_STUDIO_PORT",
     "LM_STUDIO_API_TOKEN",
-    "UPSTREAM_SLOTS",
 )
 #: The name of the one host that the single-host settings describe.
 SINGLE_HOST_NAME = "default"
@@ -439,6 +438,18 @@ def _upstream_entry(var: str, index: int, entry: Any) -> dict[str, Any]:
         "slots": slots,
         "weight": float(weight),
     }
+
+
+def _database_url(name: str, value: Any) -> str | None:
+    text = _optional_text(name, value)
+    if text is None:
+        return None
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme.split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
+        raise _fail(
+            name, value, "a database URL such as sqlite:///path or postgresql://host/db"
+        )
+    return text
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -634,7 +645,8 @@ SETTINGS: tuple[Setting, ...] = (
         _optional(_integer(1, 10000)),
         "Requests the model server runs at once (its parallel slots); more wait "
         "in the gateway's queue. Unset: what the server reports, else 4 (`make "
-        "run` sets 1 for the bundled server).",
+        "run` sets 1 for the bundled server). With `LLM_SERVICE_UPSTREAMS`: the "
+        "slots of each host that sets none.",
     ),
     Setting(
         "QUEUE_MAX",
@@ -726,6 +738,56 @@ SETTINGS: tuple[Setting, ...] = (
         "and where `/metrics` and `/status` are then served, instead of on the "
         "main address.",
     ),
+    Setting(
+        "AUTH",
+        "auto",
+        _choice("auto", "required", "off"),
+        "API keys: `auto` requires a key once one has ever been created (`flask "
+        "keys create`), `required` always, `off` never (then the gateway may not "
+        "listen beyond loopback without this set explicitly).",
+    ),
+    Setting(
+        "AUTH_CACHE_SECONDS",
+        5.0,
+        _seconds(allow_zero=True),
+        "How long each worker reuses the key set it read from the database; a "
+        "revocation takes effect within this time.",
+    ),
+    Setting(
+        "DOCS_PUBLIC",
+        True,
+        _boolean,
+        "Serve `/docs` and `/openapi.json` without a key (`false`: a key is "
+        "needed once keys are required).",
+    ),
+    Setting(
+        "DATABASE_URL",
+        None,
+        _database_url,
+        "Where keys and usage records live: SQLite in `instance/llm-service.db` by "
+        "default; `postgresql://user:pass@host/db` for several instances.",
+        sensitive="url",
+    ),
+    Setting(
+        "USAGE_BUFFER_SIZE",
+        10000,
+        _integer(1),
+        "Usage records held in memory while the database is slow or down; past "
+        "it, records are dropped, counted and logged.",
+    ),
+    Setting(
+        "USAGE_FLUSH_SECONDS",
+        1.0,
+        _seconds(),
+        "How often the background writer stores buffered usage records.",
+    ),
+    Setting(
+        "QUOTA_LEASE_SECONDS",
+        60.0,
+        _seconds(),
+        "A concurrency slot held by a gateway that died is free again after this "
+        "long (leases of live requests are renewed).",
+    ),
 )
 
 
@@ -812,6 +874,9 @@ def load_settings(config: dict) -> None:
             f"set: list every host in {ENV_PREFIX}_UPSTREAMS, or use the "
             "single-host settings alone."
         )
+    for entry in config["UPSTREAMS"] or []:
+        if entry["slots"] is None:
+            entry["slots"] = config["UPSTREAM_SLOTS"]
     config["UPSTREAM_HOSTS"] = config["UPSTREAMS"] or [
         {
             "name": SINGLE_HOST_NAME,

@@ -123,6 +123,19 @@ ERROR_CODES: dict[str, ErrorCode] = {
             "the upstream refused the request (e.g. the prompt exceeds the "
             "context); its message is relayed, capped and with credentials masked",
         ),
+        ErrorCode(
+            "invalid_api_key",
+            (401,),
+            "no API key, or not a valid one (`WWW-Authenticate: Bearer`); failed "
+            "attempts count against the per-address limit",
+        ),
+        ErrorCode("api_key_expired", (401,), "the API key is past its expiry"),
+        ErrorCode("api_key_revoked", (401,), "the API key was revoked"),
+        ErrorCode(
+            "model_not_allowed",
+            (403,),
+            "the API key may not use the requested model (nothing is sent upstream)",
+        ),
         ErrorCode("not_found", (404,), "unknown route"),
         ErrorCode(
             "model_not_found", (404,), "the upstream does not know the requested model"
@@ -148,6 +161,17 @@ ERROR_CODES: dict[str, ErrorCode] = {
             (429,),
             "over `LLM_SERVICE_RATE_LIMIT_REQUESTS` per minute (one bucket per "
             "client across routes); `Retry-After` says when to come back",
+        ),
+        ErrorCode(
+            "token_quota_exceeded",
+            (429,),
+            "over the key's tokens per minute, or one request reserves more than "
+            "the whole quota (then without `Retry-After`: it can never fit)",
+        ),
+        ErrorCode(
+            "concurrency_limit_exceeded",
+            (429,),
+            "the key has as many requests in flight as it may; `Retry-After`",
         ),
         ErrorCode(
             "client_disconnected",
@@ -218,6 +242,15 @@ ERROR_CODES: dict[str, ErrorCode] = {
             "`Retry-After` is passed on",
         ),
         ErrorCode("no_model_loaded", (503,), "the upstream has no model loaded"),
+        ErrorCode(
+            "auth_unavailable",
+            (503,),
+            "the API keys cannot be read: the database was down when this worker "
+            "started",
+        ),
+        ErrorCode(
+            "usage_unavailable", (503,), "the usage records cannot be read right now"
+        ),
         ErrorCode(
             "server_shutting_down",
             (503,),

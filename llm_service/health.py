@@ -6,7 +6,8 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify, url_for
 
-from . import __version__
+from . import __version__, quotas
+from .auth import health_details_allowed
 from .config import redact_url
 from .errors import UNAVAILABLE_RETRY_AFTER, Failure, error_response
 from .limits import storage_state
@@ -52,6 +53,9 @@ def _upstream_view(report: HealthReport) -> dict:
         "cause": report.cause,
     }
 
+
+#: What callers without an admin key are told once keys exist.
+UNREACHABLE_PUBLIC = "The upstream model server is not reachable."
 
 #: Causes that mean nothing answered at all.
 _UNREACHABLE = frozenset({"dns", "refused", "unreachable", "timeout"})
@@ -105,6 +109,7 @@ def health():
     """Report the service and its upstream; 503 when the upstream does not answer.
 
     A model server busy generating for this gateway is up (``busy``), not down.
+    Once API keys exist, the upstreams' details go to admin keys only.
     With several hosts, ``status`` is ``ok`` while any host answers; ``hosts``
     reports each one and ``lm_studio`` the first that answers.
     """
@@ -120,13 +125,15 @@ def health():
         "hosts": upstream.hosts_view(),
         "rate_limit_storage": storage_state(),
     }
-    return _answer(
-        body,
-        report.reachable,
-        _CAUSE_CODES.get(report.cause or "", "upstream_unavailable"),
-        _unreachable(report),
-        report.cause,
-    )
+    code = _CAUSE_CODES.get(report.cause or "", "upstream_unavailable")
+    reason, cause = _unreachable(report), report.cause
+    if not health_details_allowed():
+        # Once keys exist, only admin keys see the upstreams and their errors.
+        del body["lm_studio"], body["hosts"]
+        code, reason, cause = "upstream_unavailable", UNREACHABLE_PUBLIC, None
+    else:
+        body.update(quotas.health_details())
+    return _answer(body, report.reachable, code, reason, cause)
 
 
 @bp.get("/health/live")

@@ -261,7 +261,11 @@ def build_spec(app: Flask) -> dict[str, Any]:
         spec.path(path=_PLACEHOLDER.sub(r"{\1}", rule.rule), operations=operations)
     for tag, description in tags.items():
         spec.tag({"name": tag, "description": description})
-    return spec.to_dict()
+    document = spec.to_dict()
+    from .auth import PROTECTED_BLUEPRINTS, document_security
+
+    document_security(document, PROTECTED_BLUEPRINTS)
+    return document
 
 
 def api_spec() -> dict[str, Any]:

@@ -252,12 +252,12 @@ class HealthSchema(Schema):
     service = fields.String(required=True)
     version = fields.String(required=True)
     uptime_seconds = fields.Float(required=True)
+    # Absent for callers without an admin key once keys exist.
     lm_studio = fields.Nested(
         UpstreamHealthSchema,
-        required=True,
         metadata={"description": "The (first answering) host, as before `hosts`."},
     )
-    hosts = fields.List(fields.Nested(HostHealthSchema), required=True)
+    hosts = fields.List(fields.Nested(HostHealthSchema))
     rate_limit_storage = fields.String(
         required=True,
         metadata={
@@ -266,6 +266,9 @@ class HealthSchema(Schema):
             "shared store does not answer."
         },
     )
+    # Admin details: quota storage (shared or per process), usage-record buffer.
+    quotas = fields.Dict()
+    usage_records = fields.Dict()
     correlation_id = fields.String(required=True)
     error = fields.Nested(ErrorDetailSchema)
 
@@ -486,3 +489,33 @@ class OpenAIErrorResponseSchema(Schema):
 
     error = fields.Nested(OpenAIErrorSchema, required=True)
     correlation_id = fields.String(required=True)
+
+
+# -- usage accounting ------------------------------------------------------------
+
+
+class KeyUsageByModelSchema(Schema):
+    """Requests and tokens of one model in a usage answer."""
+
+    model = fields.String(allow_none=True, required=True)
+    requests = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+    estimated_requests = fields.Integer(
+        required=True,
+        metadata={"description": "Requests whose tokens were counted, not reported."},
+    )
+
+
+class KeyUsageSchema(Schema):
+    """Answer of ``GET /v1/usage``: the caller's own usage between two times."""
+
+    key = fields.String(allow_none=True, required=True)
+    since = fields.DateTime(required=True)
+    until = fields.DateTime(required=True)
+    requests = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+    by_model = fields.List(fields.Nested(KeyUsageByModelSchema), required=True)

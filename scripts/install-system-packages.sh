@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs that pip cannot provide.
 #
-# Chromium, for the browser tests of /docs and /status (tests/browser), Redis,
-# for the shared rate-limit test (tests/integration/test_redis_limits.py), and
-# Prometheus, which scrapes the gateway in tests/integration/test_prometheus.py.
-# The script is idempotent: it runs `apt-get update` and `apt-get install` only
-# when a package is missing, says what it does, and uses sudo only when not root.
+# Chromium, for the browser tests of /docs and /status (tests/browser); Redis,
+# for the shared rate-limit, quota and slot tests (tests/integration/
+# test_redis_limits.py, test_quotas_redis.py, test_queueing.py); Prometheus,
+# which scrapes the gateway in tests/integration/test_prometheus.py; and
+# PostgreSQL, for the key and usage tests against a real server
+# (tests/integration/test_keys.py starts a throwaway cluster). The script is
+# idempotent: it runs `apt-get update` and `apt-get install` only when a package
+# is missing, says what it does, and uses sudo only when not root.
 set -euo pipefail
 
 # package name -> a file that proves it is installed
@@ -13,6 +16,7 @@ declare -A PACKAGES=(
     [chromium]=/usr/bin/chromium
     [redis-server]=/usr/bin/redis-server
     [prometheus]=/usr/bin/prometheus
+    [postgresql]=/usr/lib/postgresql/15/bin/initdb
 )
 
 say() { printf '>> %s\n' "$*"; }

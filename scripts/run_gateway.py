@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import local_backend as backend  # noqa: E402
 from llm_service import create_app  # noqa: E402
+from llm_service.auth import check_start  # noqa: E402
 from llm_service.config import ConfigError, check_not_self, redact_url  # noqa: E402
 from llm_service.lmstudio.diagnosis import CAUSES  # noqa: E402
 from llm_service.logs import ROOT_LOGGER  # noqa: E402
@@ -117,6 +118,11 @@ def main() -> int:
         start_bundled = backend.LOCAL_BACKEND.read()
     except (ConfigError, backend.SettingError) as err:
         fail(f"configuration error: {err}")
+        return EXIT_CONFIG
+    try:
+        check_start([bind])  # before any model server starts; gunicorn checks too
+    except SystemExit as refusal:
+        fail(str(refusal))
         return EXIT_CONFIG
     busy = busy_port_message(bind)
     if busy:

@@ -19,6 +19,8 @@ TEST_CONFIG = {
     "LM_STUDIO_URL": UPSTREAM,
     "HEALTH_CACHE_SECONDS": 0,
     "LOG_LEVEL": "DEBUG",
+    # A private in-memory database: never the developer's instance/ one.
+    "DATABASE_URL": "sqlite://",
 }
 
 
@@ -47,11 +49,23 @@ def instance_path(tmp_path, monkeypatch):
 @pytest.fixture
 def app_factory():
     """Return a function building an app from TEST_CONFIG plus overrides."""
+    built = []
 
     def build(**overrides):
-        return create_app({**TEST_CONFIG, **overrides})
+        app = create_app({**TEST_CONFIG, **overrides})
+        built.append(app)
+        if app.config["DATABASE_URL"] == "sqlite://":
+            # The private in-memory database gets its tables (usage records).
+            from llm_service.db import db
 
-    return build
+            with app.app_context():
+                db.create_all()
+        return app
+
+    yield build
+    for app in built:
+        # Its usage-record writer must not outlive the test (nor log after it).
+        app.extensions["llm_service.usage"].stop()
 
 
 @pytest.fixture

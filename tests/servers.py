@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ class GatewayServer:
     """
 
     def __init__(self, settings: dict[str, object], **gunicorn: object) -> None:
+        self.database: str | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SERVICE_")}
@@ -39,6 +41,10 @@ class GatewayServer:
         env.update({f"GUNICORN_{k.upper()}": str(v) for k, v in gunicorn.items()})
         env["GUNICORN_BIND"] = f"127.0.0.1:{self.port}"
         env["LLM_SERVICE_ENV_FILE"] = os.devnull
+        if "DATABASE_URL" not in settings:
+            # Never the developer's instance/ database: a fresh one per server.
+            self.database = tempfile.mkdtemp(prefix="gateway-db-")
+            env["LLM_SERVICE_DATABASE_URL"] = f"sqlite:///{self.database}/gateway.db"
         self.env = env
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix="gateway-", suffix=".log", delete=False
@@ -90,6 +96,8 @@ class GatewayServer:
         elif self.process is not None:
             code = self.process.returncode
         self.log.close()
+        if self.database is not None:
+            shutil.rmtree(self.database, ignore_errors=True)
         return code
 
     def logs(self) -> str:
