@@ -505,7 +505,9 @@ def profile_gateway(lab: Lab, out_dir: Path, stamp: str, seconds: float) -> dict
         raw = out_dir / f"{stamp}-profile-{target.key}.txt"
         out[target.key] = profiling.record(target, workers[0], seconds, raw)
         if out[target.key].get("available"):
-            svg = raw.with_suffix(".svg")
+            # Named after the mode, like the report: the full run's flame graphs
+            # are kept in git beside full-latest.md, which links them.
+            svg = out_dir / f"{lab.settings.mode}-latest-profile-{target.key}.svg"
             svg.write_text(profiling.flamegraph(raw.read_text(), target.label))
             out[target.key]["svg_file"] = svg.name
     return out

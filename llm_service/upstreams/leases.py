@@ -106,9 +106,7 @@ return renewed
 """
 )
 
-#: KEYS: the host's set, the channel. ARGV: lease id, the releasing process.
-#: Returns 1 if held. The process that released dispatches its own queue at once,
-#: so its listener skips its own messages (a Redis round trip per request).
+#: KEYS: the host's set, the channel. ARGV: lease id, host. Returns 1 if held.
 RELEASE = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
@@ -155,7 +153,7 @@ class RedisSlots:
         with self._lock:
             self.held.pop(lease.id, None)
         self._release(
-            keys=[slots_key(lease.host), CHANNEL], args=[lease.id, self.process]
+            keys=[slots_key(lease.host), CHANNEL], args=[lease.id, lease.host]
         )
 
     def renew(self) -> int:
@@ -249,13 +247,6 @@ class SharedSlots:
             self._pid = os.getpid()
         threading.Thread(target=self._run, name="slot-leases", daemon=True).start()
 
-    def _own(self, message: dict) -> bool:
-        """True for a release by this process: it has dispatched its queue itself."""
-        data = message.get("data")
-        if isinstance(data, bytes):
-            data = data.decode(errors="replace")
-        return data == self.redis.process
-
     def _run(self) -> None:
         pubsub = None
         next_renewal = self.clock() + self.renew_seconds
@@ -267,8 +258,7 @@ class SharedSlots:
                 if pubsub is None:
                     pubsub = self.redis.client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(CHANNEL)
-                message = pubsub.get_message(timeout=wait)
-                freed = message is not None and not self._own(message)
+                freed = pubsub.get_message(timeout=wait) is not None
             except Exception as err:  # Redis away: wait, then subscribe again
                 log.debug("slot channel unavailable: %s", type(err).__name__)
                 if pubsub is not None:
