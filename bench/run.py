@@ -493,7 +493,9 @@ def capacity_figure(lab: Lab, settings: figures.Settings) -> dict:
 def profile_gateway(lab: Lab, out_dir: Path, stamp: str, seconds: float) -> dict:
     """Sample the gateway's worker under load on each route that answers."""
     out = {}
-    for target in [*lab.gateway_targets(), *lab.lean_targets()[1:2]]:
+    # The gateway as deployed too, in the full run (smoke stays about a minute).
+    deployed = lab.lean_targets()[1:2] if lab.settings.mode == "full" else []
+    for target in [*lab.gateway_targets(), *deployed]:
         if not target.available or target.service.pid is None:
             out[target.key] = {"available": False, "reason": target.reason}
             continue
