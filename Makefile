@@ -109,7 +109,7 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	@touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, bare Flask, LiteLLM (10-15 min)
+bench: $(STAMP) $(BENCH_STAMP) ## full benchmark vs direct, naive proxy, bare Flask, LiteLLM (10-15 min)
 	@bash bench/install-tools.sh
 	@$(PY) -m bench.run $(BENCH_ARGS)
 

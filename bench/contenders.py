@@ -8,11 +8,14 @@ of failing the run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,12 +144,16 @@ def start_gateway(
     *,
     gateway_dir: Path,
     log_level: str = "WARNING",
+    redis_url: str | None = None,
+    workers: int | None = None,
 ) -> Service:
     """Start the gateway under its shipped ``gunicorn.conf.py`` in front of a URL.
 
     Only the bind address and the app's own settings are set: workers and
-    threads are the shipped ones. The rate limit is lifted so the load is
-    measured, not refused.
+    threads are the shipped ones unless ``workers`` is given. The rate limit is
+    lifted so the load is measured, not refused (it is still counted, exactly).
+    With ``redis_url``, limits and slot leases live in that Redis: the gateway
+    as deployed, every feature on.
     """
     port = free_port()
     env = clean_env()
@@ -159,6 +166,10 @@ def start_gateway(
             "LLM_SERVICE_LOG_LEVEL": log_level,
         }
     )
+    if redis_url:
+        env["LLM_SERVICE_RATE_LIMIT_STORAGE_URI"] = redis_url
+    if workers:
+        env["GUNICORN_WORKERS"] = str(workers)
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     child = procs.start(
         name, argv, env=env, cwd=gateway_dir, stop_signal=signal.SIGQUIT
@@ -180,6 +191,49 @@ def start_bare_flask(procs: Processes, *, gateway_dir: Path) -> Service:
     )
     child.wait_http(HOST, port, "/health/live", timeout=30)
     return Service("bare-flask", port, child)
+
+
+def start_naive_proxy(
+    procs: Processes, upstream_url: str, *, gateway_dir: Path, workers: int | None
+) -> Service:
+    """Start :mod:`bench.naive_proxy` under the gateway's ``gunicorn.conf.py``."""
+    port = free_port()
+    env = clean_env()
+    env["GUNICORN_BIND"] = f"{HOST}:{port}"
+    env["PYTHONPATH"] = str(ROOT)
+    env["BENCH_UPSTREAM"] = upstream_url
+    if workers:
+        env["GUNICORN_WORKERS"] = str(workers)
+    conf = str(gateway_dir / "gunicorn.conf.py")
+    argv = [sys.executable, "-m", "gunicorn", "-c", conf, "bench.naive_proxy:app"]
+    name = f"naive-proxy-{workers or 1}w"
+    child = procs.start(name, argv, env=env, cwd=ROOT, stop_signal=signal.SIGQUIT)
+    # Ten lines, no health route: Flask's 404 for GET / says it is up.
+    child.wait_http(HOST, port, "/", timeout=30, ok=(404,))
+    return Service(name, port, child)
+
+
+def start_redis(procs: Processes) -> Service:
+    """Start a throwaway ``redis-server`` on loopback (no persistence)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise Unavailable("redis-server is not installed (make system-packages)")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", HOST, "--save", ""]
+    argv += ["--appendonly", "no"]
+    child = procs.start("redis", argv)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((HOST, port), timeout=1) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            if sock.recv(16).startswith(b"+PONG"):
+                return Service("redis", port, child)
+        time.sleep(0.05)
+    procs.stop(child)
+    raise Unavailable("redis-server did not start")
 
 
 # -- LiteLLM -------------------------------------------------------------------

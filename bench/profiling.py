@@ -177,3 +177,64 @@ def summarize(raw: str, top: int = 12) -> dict:
         "top_functions_self_pct": shares(functions, top),
         "by_step_inclusive_pct": shares(steps),
     }
+
+
+# -- flame graph -------------------------------------------------------------------
+
+_WIDTH = 1200
+_ROW = 16
+
+
+def flamegraph(raw: str, title: str, min_share: float = 0.002) -> str:
+    """Render collapsed stacks as a standalone flame graph SVG (no scripts).
+
+    Frames narrower than ``min_share`` of the samples are left out; each box's
+    tooltip (``<title>``) gives the frame and its inclusive share.
+    """
+    from html import escape
+
+    root: dict = {"n": 0, "kids": {}}
+    for frames, count in _parse(raw):
+        node = root
+        node["n"] += count
+        for func, file in frames:
+            short = "/".join(file.split("/")[-2:])
+            name = f"{func} ({short})" if short else func
+            node = node["kids"].setdefault(name, {"n": 0, "kids": {}})
+            node["n"] += count
+    total = root["n"] or 1
+    boxes: list[tuple[int, float, float, str, int]] = []
+    depth_max = 0
+
+    def walk(node: dict, depth: int, x: float) -> None:
+        nonlocal depth_max
+        for name, kid in sorted(node["kids"].items()):
+            width = kid["n"] / total * _WIDTH
+            if kid["n"] / total >= min_share:
+                boxes.append((depth, x, width, name, kid["n"]))
+                depth_max = max(depth_max, depth)
+                walk(kid, depth + 1, x)
+            x += width
+
+    walk(root, 0, 0.0)
+    height = (depth_max + 3) * _ROW
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" '
+        f'height="{height}" font-family="monospace" font-size="11">',
+        '<rect width="100%" height="100%" fill="#fff"/>',
+        f'<text x="4" y="13">{escape(title)}: {total:,} samples '
+        "(py-spy --gil; hover for shares)</text>",
+    ]
+    for depth, x, width, name, count in boxes:
+        y = height - (depth + 1) * _ROW
+        hue = 10 + sum(name.split(" (")[-1].encode()) % 50
+        share = count * 100 / total
+        label = escape(name[: int(width / 6.6)]) if width > 20 else ""
+        out.append(
+            f"<g><title>{escape(name)}: {share:.1f} %</title>"
+            f'<rect x="{x:.1f}" y="{y}" width="{max(width - 0.5, 0.5):.1f}" '
+            f'height="{_ROW - 1}" fill="hsl({hue},85%,60%)"/>'
+            f'<text x="{x + 2:.1f}" y="{y + 12}">{label}</text></g>'
+        )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

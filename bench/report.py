@@ -35,7 +35,13 @@ TARGETS = {
     "streams": 1000,
     "rss_growth_pct": 5.0,
     "cancel_gap_ms": 100.0,
+    "access_log_share": 0.10,
 }
+#: Issue 17: the gateway as deployed next to the naive proxy, same workers.
+LEAN_PAIRS = [
+    ("gateway_deployed_chat", "naive_proxy", "1 worker"),
+    ("gateway_deployed_chat_2w", "naive_proxy_2w", "2 workers"),
+]
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -85,6 +91,102 @@ def evaluate(figures: dict) -> list[dict]:
     rows += _capacity_rows(figures.get("capacity"))
     rows += _memory_rows(figures.get("memory"))
     rows += _cancel_rows(figures.get("cancellation"))
+    rows += _lean_rows(figures)
+    return rows
+
+
+def _available(figure: dict | None, key: str) -> dict | None:
+    entry = (figure or {}).get("targets", {}).get(key)
+    return entry if entry and entry.get("available") else None
+
+
+def access_log_share(figures: dict, c: str = "16") -> dict | None:
+    """The INFO access log's share of a request's CPU (whole server process).
+
+    ``(CPU/request at INFO - at WARNING) / CPU/request at INFO``, the gateway's
+    /v1 route, medians of the same run; None when either was not measured.
+    """
+    figure = figures.get("throughput")
+    info, quiet = (
+        _available(figure, "gateway_chat_info"),
+        _available(figure, "gateway_chat"),
+    )
+    if not info or not quiet:
+        return None
+    a = _median(info["by_concurrency"][c].get("cpu_ms_per_request"))
+    b = _median(quiet["by_concurrency"][c].get("cpu_ms_per_request"))
+    if not a or not b:
+        return None
+    return {"info_ms": a, "warning_ms": b, "share": (a - b) / a}
+
+
+def _lean_rows(figures: dict) -> list[dict]:
+    """Issue 17's targets: as deployed vs the naive proxy; the access log's CPU."""
+    rows = []
+    latency, throughput = figures.get("latency"), figures.get("throughput")
+    for key, naive_key, workers in LEAN_PAIRS:
+        label = f"gateway as deployed, {workers}"
+        mine, theirs = _available(latency, key), _available(latency, naive_key)
+        if mine and theirs and workers == "1 worker":
+            a = _median(mine["added_p50_ms"])
+            b = _median(theirs["added_p50_ms"])
+            if a is not None and b is not None:
+                rows.append(
+                    _row(
+                        "added latency p50 vs naive proxy",
+                        label,
+                        "≤ the naive proxy's",
+                        f"{a:.2f} vs {b:.2f} ms",
+                        a <= b,
+                        _over(a, b, "ms"),
+                    )
+                )
+            p99 = _median(mine["added_p99_ms"])
+            if p99 is not None:
+                limit = TARGETS["added_p99_ms"]
+                rows.append(
+                    _row(
+                        "added latency p99 as deployed",
+                        label,
+                        f"≤ {limit:g} ms",
+                        f"{p99:.2f} ms",
+                        p99 <= limit,
+                        _over(p99, limit, "ms"),
+                    )
+                )
+        mine, theirs = _available(throughput, key), _available(throughput, naive_key)
+        if not mine or not theirs:
+            continue
+        for c in throughput.get("concurrencies", []):
+            a = _median(mine["by_concurrency"][str(c)]["rps"])
+            b = _median(theirs["by_concurrency"][str(c)]["rps"])
+            if not a or not b:
+                continue
+            ratio = a / b
+            rows.append(
+                _row(
+                    f"throughput vs naive proxy, c={c}",
+                    label,
+                    "≥ 1.00x (same workers)",
+                    f"{ratio:.2f}x ({a:,.0f} vs {b:,.0f} req/s)",
+                    ratio >= 1,
+                    "" if ratio >= 1 else f"needs {1 / ratio:.2f}x its req/s",
+                )
+            )
+    share = access_log_share(figures)
+    if share is not None:
+        limit = TARGETS["access_log_share"]
+        rows.append(
+            _row(
+                "access log CPU share (INFO vs WARNING), c=16",
+                "gateway /v1/chat/completions",
+                f"≤ {limit:.0%}",
+                f"{share['share']:.0%} ({share['info_ms']:.3f} vs "
+                f"{share['warning_ms']:.3f} ms/request)",
+                share["share"] <= limit,
+                "" if share["share"] <= limit else f"{share['share'] - limit:.0%} over",
+            )
+        )
     return rows
 
 

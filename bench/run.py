@@ -68,6 +68,8 @@ class Lab:
         self._targets: dict[str, Target] = {}
         self.upstreams: dict[str, Nginx | StreamServer] = {}
         self.litellm_version: str | None = None
+        self.baseline_dir: Path | None = None
+        self.baseline_tag = "baseline"
 
     # -- servers ---------------------------------------------------------------
 
@@ -121,6 +123,37 @@ class Lab:
                 url,
                 gateway_dir=self.gateway_dir,
                 log_level=log_level,
+            ),
+        )
+
+    def redis(self) -> Service:
+        return self._cached("redis", lambda: contenders.start_redis(self.procs))
+
+    def deployed(
+        self, workers: int = 1, gateway_dir: Path | None = None, tag: str = ""
+    ) -> Service:
+        """The gateway as deployed: INFO access logs, metrics, queue, Redis."""
+        name = f"gateway-deployed-{workers}w{tag}"
+        url = f"http://127.0.0.1:{self.upstream('nginx').port}"
+        return self._cached(
+            name,
+            lambda: contenders.start_gateway(
+                self.procs,
+                name,
+                url,
+                gateway_dir=gateway_dir or self.gateway_dir,
+                log_level="INFO",
+                redis_url=f"redis://127.0.0.1:{self.redis().port}/0",
+                workers=workers,
+            ),
+        )
+
+    def naive(self, workers: int = 1) -> Service:
+        url = f"http://127.0.0.1:{self.upstream('nginx').port}"
+        return self._cached(
+            f"naive-proxy-{workers}w",
+            lambda: contenders.start_naive_proxy(
+                self.procs, url, gateway_dir=self.gateway_dir, workers=workers
             ),
         )
 
@@ -199,9 +232,57 @@ class Lab:
         """The non-streaming contenders (direct excluded)."""
         return [
             *self.gateway_targets(),
+            *self.info_targets(),
+            *self.lean_targets(),
             self.target("bare_flask", "bare Flask", self.bare_flask, CHAT),
             self.target("litellm", "LiteLLM proxy", self.litellm, CHAT),
         ]
+
+    def lean_targets(self) -> list[Target]:
+        """Issue 17: the naive ten-line proxy next to the gateway as deployed.
+
+        At the shipped worker count (1) and, in the full run, at 2 workers (one
+        per core here; the gateway's limits and slots then live in Redis).
+        """
+        targets = [
+            self.target(
+                "naive_proxy",
+                "naive proxy (Flask + requests)",
+                self.naive,
+                CHAT,
+            ),
+            self.target(
+                "gateway_deployed_chat",
+                "gateway as deployed /v1/chat/completions",
+                self.deployed,
+                CHAT,
+            ),
+        ]
+        if self.baseline_dir is not None:
+            targets.append(
+                self.target(
+                    "gateway_deployed_chat_baseline",
+                    f"gateway as deployed /v1/chat/completions ({self.baseline_tag})",
+                    lambda: self.deployed(1, self.baseline_dir, "-baseline"),
+                    CHAT,
+                )
+            )
+        if self.settings.mode == "full":
+            targets += [
+                self.target(
+                    "naive_proxy_2w",
+                    "naive proxy, 2 workers",
+                    lambda: self.naive(2),
+                    CHAT,
+                ),
+                self.target(
+                    "gateway_deployed_chat_2w",
+                    "gateway as deployed /v1/chat/completions, 2 workers",
+                    lambda: self.deployed(2),
+                    CHAT,
+                ),
+            ]
+        return targets
 
     def gateway_targets(self) -> list[Target]:
         """The gateway's non-streaming routes."""
@@ -317,18 +398,21 @@ def run_figure(name: str, lab: Lab, settings: figures.Settings, result: dict) ->
     """Run one figure and store its data in ``result``."""
     if name == "latency":
         result["figures"]["latency"] = figures.latency(
-            settings, lab.direct(), lab.api_targets(), lab.info_targets(), log
+            settings, lab.direct(), lab.api_targets(), (), log
         )
     elif name == "throughput":
         direct = lab.direct()
-        data = figures.throughput(
-            settings, [direct, *lab.api_targets()], lab.info_targets(), log
-        )
+        data = figures.throughput(settings, [direct, *lab.api_targets()], (), log)
         result["figures"]["throughput"] = data
         gateways = ["gateway_message", "gateway_chat"]
+        deployed = ["gateway_deployed_chat", "gateway_deployed_chat_baseline"]
         result["ratios"] = {
             "bare_flask": figures.ratios(data, gateways, "bare_flask"),
             "litellm": figures.ratios(data, gateways, "litellm"),
+            "naive_proxy": figures.ratios(data, deployed, "naive_proxy"),
+            "naive_proxy_2w": figures.ratios(
+                data, ["gateway_deployed_chat_2w"], "naive_proxy_2w"
+            ),
         }
     elif name == "streaming":
         result["figures"]["streaming"] = figures.streaming(
@@ -409,7 +493,9 @@ def capacity_figure(lab: Lab, settings: figures.Settings) -> dict:
 def profile_gateway(lab: Lab, out_dir: Path, stamp: str, seconds: float) -> dict:
     """Sample the gateway's worker under load on each route that answers."""
     out = {}
-    for target in lab.gateway_targets():
+    # The gateway as deployed too, in the full run (smoke stays about a minute).
+    deployed = lab.lean_targets()[1:2] if lab.settings.mode == "full" else []
+    for target in [*lab.gateway_targets(), *deployed]:
         if not target.available or target.service.pid is None:
             out[target.key] = {"available": False, "reason": target.reason}
             continue
@@ -420,6 +506,12 @@ def profile_gateway(lab: Lab, out_dir: Path, stamp: str, seconds: float) -> dict
         log(f">> profiling {target.label} for {seconds:g} s")
         raw = out_dir / f"{stamp}-profile-{target.key}.txt"
         out[target.key] = profiling.record(target, workers[0], seconds, raw)
+        if out[target.key].get("available"):
+            # Named after the mode, like the report: the full run's flame graphs
+            # are kept in git beside full-latest.md, which links them.
+            svg = out_dir / f"{lab.settings.mode}-latest-profile-{target.key}.svg"
+            svg.write_text(profiling.flamegraph(raw.read_text(), target.label))
+            out[target.key]["svg_file"] = svg.name
     return out
 
 
@@ -502,6 +594,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{contenders.DEFAULT_LITELLM_VENV})",
     )
     parser.add_argument(
+        "--baseline-dir",
+        type=Path,
+        help="another checkout of the gateway, measured as deployed in the same "
+        "run (before/after a change)",
+    )
+    parser.add_argument(
         "--gateway-dir",
         type=Path,
         default=ROOT,
@@ -557,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
                 gateway_dir,
                 contenders.litellm_venv(args.litellm_venv),
             )
+            if args.baseline_dir is not None:
+                lab.baseline_dir = args.baseline_dir.resolve()
+                revision = sysinfo.git_revision(lab.baseline_dir)
+                lab.baseline_tag = f"baseline {revision or lab.baseline_dir.name}"
             for name in selected:
                 if name == "profile":
                     continue

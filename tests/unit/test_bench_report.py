@@ -96,3 +96,65 @@ def test_a_smoke_run_leaves_the_full_report_alone(tmp_path, monkeypatch):
     report.write({"mode": "full"}, tmp_path, "20250101T000000Z", print)
     report.write({"mode": "smoke"}, tmp_path, "20250102T000000Z", print)
     assert (tmp_path / "full-latest.md").read_text() == "# full\n"
+
+
+def _throughput(**per_key):
+    """``{key: (rps, cpu_ms)}`` at c=16 as bench.figures.throughput shapes it."""
+    return {
+        "concurrencies": [16],
+        "targets": {
+            key: {
+                "available": True,
+                "label": key,
+                "by_concurrency": {
+                    "16": {"rps": spread(rps), "cpu_ms_per_request": spread(cpu)}
+                },
+            }
+            for key, (rps, cpu) in per_key.items()
+        },
+    }
+
+
+def test_access_log_share_is_the_info_minus_warning_cpu_over_info():
+    figures = {
+        "throughput": _throughput(gateway_chat=(400, 2.0), gateway_chat_info=(300, 2.5))
+    }
+    share = report.access_log_share(figures)
+    assert share["share"] == pytest.approx(0.2)
+    rows = [r for r in report.evaluate(figures) if "access log" in r["figure"]]
+    assert rows[0]["met"] is False
+    assert "20%" in rows[0]["measured"]
+
+
+def test_the_gateway_as_deployed_is_judged_against_the_naive_proxy():
+    deployed, naive = target("deployed"), target("naive")
+    deployed["added_p50_ms"], naive["added_p50_ms"] = spread(2.0), spread(1.5)
+    figures = {
+        "latency": {
+            "targets": {"gateway_deployed_chat": deployed, "naive_proxy": naive}
+        },
+        "throughput": _throughput(
+            gateway_deployed_chat=(300, 4.0), naive_proxy=(600, 1.4)
+        ),
+    }
+    rows = {r["figure"]: r for r in report.evaluate(figures)}
+    p50 = rows["added latency p50 vs naive proxy"]
+    assert p50["met"] is False
+    assert p50["gap"] == "0.50 ms over"
+    assert rows["added latency p99 as deployed"]["met"] is True
+    rps = rows["throughput vs naive proxy, c=16"]
+    assert rps["met"] is False
+    assert rps["measured"].startswith("0.50x")
+
+
+def test_a_profile_renders_as_a_standalone_flame_graph():
+    from xml.etree import ElementTree
+
+    from bench.profiling import flamegraph
+
+    raw = "main (app.py:1);handle (a/b.py:2) 90\nmain (app.py:1);<idle> 10\n"
+    svg = flamegraph(raw, "gateway <chat> & co")
+    root = ElementTree.fromstring(svg)  # noqa: S314 (our own output)
+    titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
+    assert "handle (a/b.py): 90.0 %" in titles
+    assert "main (app.py): 100.0 %" in titles
