@@ -27,7 +27,7 @@ keys, usage records) -- they use these without touching this module's code:
 - ``hooks.caller_label``: returns the calling key's name (``tokens_total``'s
   ``key`` label; ``anonymous`` by default);
 - ``hooks.known_models``: returns the models some host serves (model labels);
-- ``g.queue_seconds``: time a request waited in the queue, not overhead;
+- ``g.queue_time`` (set by the admission queue): time waited, not overhead;
 - ``UpstreamObserver(host_name)``: the observer for one host's client.
 """
 
@@ -339,7 +339,7 @@ class _Request:
     #: A streamed answer: counted when its last byte is sent, not at teardown.
     streamed: bool = False
     done: bool = False
-    #: Time spent waiting in the admission queue (``g.queue_seconds``).
+    #: Time spent waiting in the admission queue (``g.queue_time``).
     queue_seconds: float = 0.0
 
 
@@ -417,7 +417,7 @@ def _after(response: Response) -> Response:
         # Flask runs teardown when the view returns and again after the
         # stream; the request is done only when the server closes the body.
         state.streamed = True
-        state.queue_seconds = g.get("queue_seconds", 0.0)
+        state.queue_seconds = g.get("queue_time") or 0.0
         app = current_app._get_current_object()
         route, method = route_label(), request.method
         status = response.status_code
@@ -445,7 +445,7 @@ def _finish(_error: BaseException | None) -> None:
     if state is None or state.streamed:
         return
     g.pop("metrics")
-    state.queue_seconds = g.get("queue_seconds", 0.0)
+    state.queue_seconds = g.get("queue_time") or 0.0
     _done(
         current_app._get_current_object(),
         state,

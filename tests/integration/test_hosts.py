@@ -157,7 +157,14 @@ def test_models_are_listed_once_with_where_they_are_loaded(fakes, gateway_for):
     fakes["b"].models, fakes["b"].loaded = ["alpha", "gamma"], ["gamma"]
     fakes["c"].models, fakes["c"].loaded = ["delta"], []
     gateway = gateway_for()
-    body = requests.get(f"{gateway.url}/v1/models", timeout=10).json()
+
+    def listing():
+        body = requests.get(f"{gateway.url}/v1/models", timeout=10).json()
+        return body if len(body["data"]) == 4 else None
+
+    # A host whose first probe is still under way is listed once it answers
+    # (seen under load right after start-up): the union converges.
+    body = wait_until(listing)
     models = {entry["id"]: entry for entry in body["data"]}
     assert body["object"] == "list"
     assert sorted(models) == ["alpha", "beta", "delta", "gamma"]
