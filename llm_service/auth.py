@@ -286,12 +286,18 @@ class _Identity:
 
 
 def presented_key() -> str | None:
-    """The key sent as ``Authorization: Bearer ...`` or ``x-api-key``."""
+    """The key sent as ``Authorization: Bearer ...`` or ``x-api-key``.
+
+    HTTP Basic works too (any user name, the key as password), so a browser
+    can open the status page.
+    """
     header = request.headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
+        if scheme.lower() == "basic" and request.authorization is not None:
+            return (request.authorization.password or "").strip() or None
     value = request.headers.get("x-api-key", "").strip()
     return value or None
 
@@ -349,6 +355,34 @@ def health_details_allowed() -> bool:
     """``/health`` details: for everyone until keys exist, then admin keys only."""
     found = identity()
     return not found.required or found.caller.admin
+
+
+def require_admin(challenge: str = "Bearer") -> None:
+    """Monitoring: anyone until keys exist, then admin keys only.
+
+    ``challenge`` is the scheme a 401 asks for (``Basic`` for pages a browser
+    opens, so it prompts for the key as password).
+    """
+    found = identity()
+    if not found.required:
+        return
+    asked = {"WWW-Authenticate": f'{challenge} realm="llm-service"'}
+    if found.failure is not None:
+        failure = found.failure.failure
+        raise APIError(
+            failure.status,
+            failure.code,
+            failure.message,
+            headers={**failure.headers, **asked},
+        )
+    if found.caller.anonymous:
+        raise APIError(
+            401, "invalid_api_key", "An admin API key is required.", headers=asked
+        )
+    if not found.caller.admin:
+        raise APIError(
+            403, "admin_key_required", "This page is for admin API keys only."
+        )
 
 
 def _exempt_from_address_limit() -> bool:

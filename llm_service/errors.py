@@ -136,6 +136,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             (403,),
             "the API key may not use the requested model (nothing is sent upstream)",
         ),
+        ErrorCode(
+            "admin_key_required",
+            (403,),
+            "`/metrics` and `/status` are for admin keys once keys exist",
+        ),
         ErrorCode("not_found", (404,), "unknown route"),
         ErrorCode(
             "model_not_found", (404,), "the upstream does not know the requested model"

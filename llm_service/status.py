@@ -34,7 +34,7 @@ from flask import (
     send_from_directory,
 )
 
-from . import __version__, metrics
+from . import __version__, auth, metrics
 from .config import redact_url
 from .openapi import documented
 
@@ -146,6 +146,17 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def _guard(challenge: str) -> None:
+    """Only on the metrics listener when there is one; admin keys once keys exist.
+
+    The separate ``LLM_SERVICE_METRICS_BIND`` address (loopback only) needs no
+    key: reaching it is the permission.
+    """
+    metrics.monitoring_allowed()
+    if not metrics.on_metrics_listener():
+        auth.require_admin(challenge)
+
+
 @bp.get("/metrics")
 @documented(
     answers={200: {"text/plain": None, "application/openmetrics-text": None}},
@@ -159,7 +170,7 @@ def metrics_view():
     """
     if current_app.extensions.get(metrics.EXTENSION) is None:
         abort(404)  # LLM_SERVICE_METRICS=false
-    metrics.monitoring_allowed()
+    _guard("Bearer")
     metrics.refresh_upstream_state()
     body, content_type = metrics.scrape(request.headers.get("Accept", ""))
     response = Response(body)
@@ -171,7 +182,7 @@ def metrics_view():
 @documented(answers={200: {"text/html": None}}, errors=("not_found",))
 def status():
     """The status page: hosts, recent traffic, latency and errors (HTML)."""
-    metrics.monitoring_allowed()
+    _guard("Basic")
     page = render_template(
         "status.html",
         version=__version__,
@@ -192,7 +203,7 @@ def status():
 @documented(answers={200: {"text/css": None}, 304: {}}, errors=("not_found",))
 def stylesheet():
     """The status page's stylesheet."""
-    metrics.monitoring_allowed()
+    _guard("Basic")
     return send_from_directory(STATIC, "status.css", mimetype="text/css")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from datetime import datetime, timedelta
 
@@ -401,3 +402,29 @@ def test_public_routes_without_a_key_never_read_the_keys(app):
     assert client.get("/health/live").status_code == 200
     assert client.get("/openapi.json").status_code == 200
     assert app.extensions[auth.EXTENSION]._keys is None  # never loaded
+
+
+def test_monitoring_is_for_admin_keys_once_keys_exist(keyed_app, upstream):
+    client = keyed_app.test_client()
+    # No key yet: the operator's pages are open, as before.
+    assert client.get("/metrics").status_code == 200
+    user = create_key(keyed_app, "alice")
+    admin = create_key(keyed_app, "root", "--admin")
+    anonymous = client.get("/metrics")
+    assert anonymous.status_code == 401
+    assert anonymous.json["error"]["code"] == "invalid_api_key"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    refused = client.get("/metrics", headers=bearer(user))
+    assert (refused.status_code, refused.json["error"]["code"]) == (
+        403,
+        "admin_key_required",
+    )
+    assert client.get("/metrics", headers=bearer(admin)).status_code == 200
+    # The status page asks a browser for the key as a Basic password.
+    page = client.get("/status")
+    assert page.status_code == 401
+    assert page.headers["WWW-Authenticate"].startswith("Basic")
+    basic = base64.b64encode(f"ops:{admin}".encode()).decode()
+    shown = client.get("/status", headers={"Authorization": f"Basic {basic}"})
+    assert shown.status_code == 200
+    assert "text/html" in shown.headers["Content-Type"]
