@@ -160,7 +160,7 @@ def _guard(challenge: str) -> None:
 @bp.get("/metrics")
 @documented(
     answers={200: {"text/plain": None, "application/openmetrics-text": None}},
-    errors=("not_found",),
+    errors=("not_found", "invalid_api_key", "admin_key_required"),
 )
 def metrics_view():
     """Prometheus metrics of every worker (text exposition format).
@@ -179,7 +179,10 @@ def metrics_view():
 
 
 @bp.get("/status")
-@documented(answers={200: {"text/html": None}}, errors=("not_found",))
+@documented(
+    answers={200: {"text/html": None}},
+    errors=("not_found", "invalid_api_key", "admin_key_required"),
+)
 def status():
     """The status page: hosts, recent traffic, latency and errors (HTML)."""
     _guard("Basic")
@@ -200,7 +203,10 @@ def status():
 
 
 @bp.get("/status/style.css")
-@documented(answers={200: {"text/css": None}, 304: {}}, errors=("not_found",))
+@documented(
+    answers={200: {"text/css": None}, 304: {}},
+    errors=("not_found", "invalid_api_key", "admin_key_required"),
+)
 def stylesheet():
     """The status page's stylesheet."""
     _guard("Basic")
