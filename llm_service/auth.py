@@ -510,7 +510,10 @@ def document_security(document: dict[str, Any], protected_tags: Iterable[str]) -
         for method, operation in operations.items():
             if not set(operation.get("tags", ())) & tags:
                 continue
-            operation["security"] = [{"bearerAuth": []}]
+            # Or none: until a key exists (`auto`), or with `off`, calls need
+            # no key; whether one is needed is the gateway's state, not the
+            # document's.
+            operation["security"] = [{"bearerAuth": []}, {}]
             responses = operation["responses"]
             template = responses.get("400") or next(iter(responses.values()))
             for status, codes in AUTH_CODES.items():
