@@ -494,28 +494,29 @@ class OpenAIErrorResponseSchema(Schema):
 # -- usage accounting ------------------------------------------------------------
 
 
-class KeyUsageByModelSchema(Schema):
-    """Requests and tokens of one model in a usage answer."""
+class _UsageCountsSchema(Schema):
+    """Requests and tokens, the counts every usage figure has."""
 
-    model = fields.String(allow_none=True, required=True)
     requests = fields.Integer(required=True)
     prompt_tokens = fields.Integer(required=True)
     completion_tokens = fields.Integer(required=True)
     total_tokens = fields.Integer(required=True)
+
+
+class KeyUsageByModelSchema(_UsageCountsSchema):
+    """Requests and tokens of one model in a usage answer."""
+
+    model = fields.String(allow_none=True, required=True)
     estimated_requests = fields.Integer(
         required=True,
         metadata={"description": "Requests whose tokens were counted, not reported."},
     )
 
 
-class KeyUsageSchema(Schema):
+class KeyUsageSchema(_UsageCountsSchema):
     """Answer of ``GET /v1/usage``: the caller's own usage between two times."""
 
     key = fields.String(allow_none=True, required=True)
     since = fields.DateTime(required=True)
     until = fields.DateTime(required=True)
-    requests = fields.Integer(required=True)
-    prompt_tokens = fields.Integer(required=True)
-    completion_tokens = fields.Integer(required=True)
-    total_tokens = fields.Integer(required=True)
     by_model = fields.List(fields.Nested(KeyUsageByModelSchema), required=True)
