@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import redis
 import requests
 
-from tests.servers import ROOT, GatewayServer, free_port
+from tests.databases import RedisServer
+from tests.servers import ROOT, GatewayServer
 
 HELLO = {"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -76,40 +75,10 @@ def test_spoofed_forwarded_for_only_from_trusted_peers(fake, addresses, admitted
 @pytest.fixture
 def redis_server():
     """A redis-server of this test's own: it gets frozen."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is missing: run `make system-packages`")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield process, url
-    process.send_signal(signal.SIGCONT)
-    process.terminate()
-    process.wait(10)
+    server = RedisServer()
+    yield server.process, server.url
+    server.process.send_signal(signal.SIGCONT)
+    server.stop()
 
 
 def _timed_post(gateway) -> tuple[int | None, float]:

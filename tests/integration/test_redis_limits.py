@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-
 import pytest
 import redis
 import requests
 
-from tests.servers import GatewayServer, free_port
+from tests.databases import RedisServer
+from tests.servers import GatewayServer
 
 HELLO = {"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is missing: run `make system-packages`")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(10)
+    server = RedisServer()
+    yield server.url
+    server.stop()
 
 
 def test_limit_holds_across_two_worker_processes(fake, redis_url):
