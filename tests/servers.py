@@ -110,3 +110,20 @@ class GatewayServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def import_wsgi(env: dict[str, str], timeout: float = 60.0):
+    """Run ``import wsgi`` in a fresh interpreter with exactly ``env``.
+
+    What the gateway does at start-up before gunicorn serves: load ``.env``,
+    warn about unknown settings, build the app or exit 3 on a bad setting.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -18,22 +18,8 @@ import requests
 from tests.fakes.lmstudio import FakeLMStudio
 from tests.integration.conftest import FAST_FAILURE
 from tests.servers import GatewayServer
+from tests.support.readme import README_BODY, README_HEADERS
 
-#: The README's full /llm/message example, verbatim.
-README_HEADERS = {
-    "Content-Type": "application/json",
-    "X-Correlation-ID": "my-request-1",
-}
-README_BODY = """{
-        "model": "qwen2.5-7b-instruct",
-        "messages": [
-          {"role": "system", "content": "Answer in one sentence."},
-          {"role": "user", "content": "What is a gateway?"}
-        ],
-        "temperature": 0.7,
-        "max_tokens": 150,
-        "top_p": 0.9
-      }"""
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
 
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
 from tests.databases import RedisServer
-from tests.servers import ROOT, GatewayServer
+from tests.servers import GatewayServer, import_wsgi
 
 HELLO = {"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -171,14 +169,7 @@ def test_start_up_error_does_not_show_the_password():
         "LLM_SERVICE_ENV_FILE": os.devnull,
         "LLM_SERVICE_LM_STUDIO_URL": f"ftp://admin:{SECRET}@host",
     }
-    result = subprocess.run(
-        [sys.executable, "-c", "import wsgi"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = import_wsgi(env, timeout=30)
     assert result.returncode == 3
     assert "LLM_SERVICE_LM_STUDIO_URL='ftp://***@host' is invalid" in result.stderr
     assert SECRET not in result.stderr + result.stdout

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.servers import ROOT, GatewayServer
+from tests.servers import ROOT, GatewayServer, import_wsgi
 
 HELLO = {"model": "fake-model-1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -73,14 +73,7 @@ def test_sigterm_lets_requests_in_flight_finish(fake):
 
 def test_bad_setting_stops_start_up_with_a_clear_message():
     env = {"LLM_SERVICE_LM_STUDIO_PORT": "abc", "LLM_SERVICE_ENV_FILE": "/dev/null"}
-    result = subprocess.run(
-        [sys.executable, "-c", "import wsgi"],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = import_wsgi({"PATH": "/usr/bin:/bin", **env}, timeout=30)
     assert result.returncode == 3
     assert "LLM_SERVICE_LM_STUDIO_PORT='abc' is invalid" in result.stderr
     assert "an integer from 1 to 65535" in result.stderr

@@ -1,8 +1,6 @@
 """Settings: defaults, layering, validation at start-up."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from llm_service.config import (
     unknown_variables,
 )
 from llm_service.config import instance_path as real_instance_path
-from tests.servers import ROOT
+from tests.servers import import_wsgi
 
 
 def test_defaults():
@@ -144,15 +142,8 @@ def test_wsgi_warns_about_a_typo():
         "LLM_SERVICE_ENV_FILE": os.devnull,
         "LLM_SERVICE_RATE_LIMIT_REQUEST": "5",
     }
-    result = subprocess.run(
-        [sys.executable, "-c", "import wsgi"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = import_wsgi(env)
+    assert result.returncode == 0, result.stderr
     assert "did you mean LLM_SERVICE_RATE_LIMIT_REQUESTS?" in result.stderr
 
 
