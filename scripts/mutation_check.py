@@ -21,7 +21,9 @@ Each break ends as one of:
 - ``survived``: its tests passed, or none of them exists in this tree;
 - ``not applicable``: the snippet is not in the file exactly once (the code
   changed: update the entry);
-- ``error``: pytest could not run the tests as given, or timed out.
+- ``error``: the broken file is not valid Python (the entry is wrong: a
+  break that cannot even be imported proves nothing), or pytest could not
+  run the tests as given, or timed out.
 
 Not part of ``make test``: it runs the named tests once per break (minutes).
 The exit status is 1 when a break survived or erred, else 0.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -164,7 +167,15 @@ def check(entry: Break, tree: Path, args: argparse.Namespace) -> Outcome:
     command = pytest_command(tree, entry.tests, k, args.test_timeout)
     if command is None:
         return Outcome(entry.name, "survived", detail="none of its tests exists here")
-    path.write_text(source.replace(entry.original, entry.replacement))
+    broken = source.replace(entry.original, entry.replacement)
+    if path.suffix == ".py":
+        try:
+            compile(broken, str(path), "exec")
+        except SyntaxError as err:
+            return Outcome(
+                entry.name, "error", detail=f"the break is not valid Python: {err}"
+            )
+    path.write_text(broken)
     try:
         code, output, seconds = run_pytest(command, tree, args.timeout)
     finally:
@@ -182,9 +193,13 @@ def check(entry: Break, tree: Path, args: argparse.Namespace) -> Outcome:
     return Outcome(entry.name, status, seconds, detail, command)
 
 
+#: pytest's summary lines, not log lines captured at level ERROR.
+_SUMMARY_LINE = re.compile(r"(FAILED|ERROR) tests/")
+
+
 def _first_failure(output: str) -> str:
     for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
+        if _SUMMARY_LINE.match(line):
             return line.split(" - ", 1)[0]
     return "tests failed"
 
