@@ -57,7 +57,6 @@ if _settings["METRICS"] and not os.environ.get(MULTIPROC_ENV):
 worker_class = _env("WORKER_CLASS", "llm_service.server.Worker")
 
 
-
 def _default_workers() -> int:
     """One process per usable core where state is shared, else one (exact limits)."""
     if _settings["RATE_LIMIT_STORAGE_URI"].startswith("memory://"):
