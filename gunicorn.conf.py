@@ -3,11 +3,12 @@
 Server settings only; the app reads its own ``LLM_SERVICE_*`` settings. Each value
 below can be overridden with a ``GUNICORN_*`` environment variable.
 
-Why one process with many threads: an LLM call spends seconds waiting on the
-model server, so threads (``gthread``) hold many calls at little cost, and the
-default ``memory://`` rate-limit storage is per process, so the configured limit
-holds exactly only with one process. With ``LLM_SERVICE_RATE_LIMIT_STORAGE_URI``
-pointing at Redis, ``GUNICORN_WORKERS`` can grow.
+Why threads: an LLM call spends seconds waiting on the model server, so threads
+(``gthread``) hold many calls at little cost. How many processes: the default
+``memory://`` rate-limit storage is per process, so the configured limit holds
+exactly only with one process; with ``LLM_SERVICE_RATE_LIMIT_STORAGE_URI``
+pointing at a shared store (Redis), limits, quotas and slots are shared and
+exact, and the default is one process per core this process may run on.
 """
 
 import os
@@ -54,7 +55,16 @@ if _settings["METRICS"] and not os.environ.get(MULTIPROC_ENV):
 # (see llm_service/server.py for why this design). GUNICORN_WORKER_CLASS=gthread
 # gives gunicorn's own, for comparison (bench/slowloris.py --worker gthread).
 worker_class = _env("WORKER_CLASS", "llm_service.server.Worker")
-workers = int(_env("WORKERS", "1"))
+
+
+def _default_workers() -> int:
+    """One process per usable core where state is shared, else one (exact limits)."""
+    if _settings["RATE_LIMIT_STORAGE_URI"].startswith("memory://"):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+workers = int(_env("WORKERS", str(_default_workers())))
 # A streaming response holds its thread (and a reader thread for the upstream)
 # for its whole life, and a request waiting for a model slot holds its thread
 # (blocked, not spinning), so threads bound the requests held at once: 4096

@@ -146,14 +146,19 @@ def start_gateway(
     log_level: str = "WARNING",
     redis_url: str | None = None,
     workers: int | None = None,
+    keyed: bool = False,
+    slots: int | None = None,
 ) -> Service:
     """Start the gateway under its shipped ``gunicorn.conf.py`` in front of a URL.
 
     Only the bind address and the app's own settings are set: workers and
     threads are the shipped ones unless ``workers`` is given. The rate limit is
     lifted so the load is measured, not refused (it is still counted, exactly).
-    With ``redis_url``, limits and slot leases live in that Redis: the gateway
-    as deployed, every feature on.
+    With ``redis_url``, limits, quotas and slot leases live in that Redis; with
+    ``keyed``, every call carries an API key with requests-per-minute,
+    tokens-per-minute and concurrency quotas (high enough never to refuse,
+    still counted exactly): the gateway as deployed, every feature on.
+    ``slots`` is the upstream's parallel slots (the admission queue's bound).
     """
     port = free_port()
     env = clean_env()
@@ -170,12 +175,45 @@ def start_gateway(
         env["LLM_SERVICE_RATE_LIMIT_STORAGE_URI"] = redis_url
     if workers:
         env["GUNICORN_WORKERS"] = str(workers)
+    if slots:
+        env["LLM_SERVICE_UPSTREAM_SLOTS"] = str(slots)
+    headers: dict[str, str] = {}
+    if keyed:
+        folder = procs.log_dir / f"{name}-db"
+        folder.mkdir(parents=True, exist_ok=True)
+        env["LLM_SERVICE_DATABASE_URL"] = f"sqlite:///{folder}/gateway.db"
+        secret = create_key(env, gateway_dir, "bench", *KEY_QUOTAS)
+        headers["Authorization"] = f"Bearer {secret}"
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     child = procs.start(
         name, argv, env=env, cwd=gateway_dir, stop_signal=signal.SIGQUIT
     )
     child.wait_http(HOST, port, "/health/live", timeout=30)
-    return Service(name, port, child)
+    return Service(name, port, child, headers=headers)
+
+
+#: The bench key's quotas: counted on every call, never reached by the load.
+KEY_QUOTAS = ("--rpm", "1000000000", "--tpm", "1000000000000", "--concurrency", "1000")
+
+
+def create_key(env: dict[str, str], gateway_dir: Path, name: str, *options: str) -> str:
+    """Create an API key with ``flask keys create``; return its secret."""
+    argv = [sys.executable, "-m", "flask", "--app", "wsgi:app", "keys", "create"]
+    try:
+        result = subprocess.run(
+            [*argv, name, *options],
+            cwd=gateway_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise Unavailable("flask keys create did not finish") from err
+    if result.returncode != 0:
+        raise Unavailable(f"flask keys create failed: {result.stderr.strip()[-300:]}")
+    return result.stdout.strip()
 
 
 def start_bare_flask(procs: Processes, *, gateway_dir: Path) -> Service:

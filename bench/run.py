@@ -43,6 +43,11 @@ CHAT = "/v1/chat/completions"
 MESSAGE = "/llm/message"
 
 
+#: The upstream's slots for the gateway as deployed: more than the load's
+#: concurrency, so the queue is passed through (a lease per call), never waited in.
+DEPLOYED_SLOTS = 128
+
+
 def log(message: str) -> None:
     """Print progress at once (CI has no TTY to flush lines for us)."""
     print(message, flush=True)
@@ -132,7 +137,13 @@ class Lab:
     def deployed(
         self, workers: int = 1, gateway_dir: Path | None = None, tag: str = ""
     ) -> Service:
-        """The gateway as deployed: INFO access logs, metrics, queue, Redis."""
+        """The gateway as deployed: INFO access logs, metrics, queue, Redis, a key.
+
+        The key has requests/tokens-per-minute and concurrency quotas (counted in
+        Redis, never reached). The upstream gets ``DEPLOYED_SLOTS`` slots: every
+        call takes and returns a slot lease in Redis, and none waits (nginx
+        answers at once; a wait would measure the queue's purpose, not its cost).
+        """
         name = f"gateway-deployed-{workers}w{tag}"
         url = f"http://127.0.0.1:{self.upstream('nginx').port}"
         return self._cached(
@@ -145,6 +156,8 @@ class Lab:
                 log_level="INFO",
                 redis_url=f"redis://127.0.0.1:{self.redis().port}/0",
                 workers=workers,
+                keyed=True,
+                slots=DEPLOYED_SLOTS,
             ),
         )
 

@@ -14,7 +14,7 @@ from flask import Flask, Response, current_app, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from limits.storage import Storage
+from limits.storage import RedisStorage, Storage
 from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -106,6 +106,54 @@ class WindowCounterStorage(Storage):
             del self._windows[key]
 
 
+class HitStatsRedisStorage(RedisStorage):
+    """Redis counters whose hit also answers the window's count and end.
+
+    The rate-limit headers need the window's count and reset after the hit;
+    limits' own Redis storage asks for them with two more round trips (GET,
+    TTL). Here the hit's script returns both, and the thread that hit reads
+    them back once, with no round trip: one trip per limited request, not
+    three. Another thread, or a second read, asks Redis as before.
+    """
+
+    STORAGE_SCHEME = ["llm-service-redis", "llm-service-rediss"]
+    PREFIX_OWN = "llm-service-"
+    SCRIPT_HIT = """
+local current = redis.call('INCRBY', KEYS[1], ARGV[2])
+if tonumber(current) == tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return {current, redis.call('PTTL', KEYS[1])}
+"""
+
+    def __init__(self, uri: str, **options: Any) -> None:
+        super().__init__(uri.removeprefix(self.PREFIX_OWN), **options)
+        self._hit = self.get_connection().register_script(self.SCRIPT_HIT)
+        self._last = threading.local()
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        prefixed = self.prefixed_key(key)
+        count, ttl_ms = self._hit([prefixed], [expiry, amount])
+        expires_at = time.time() + max(0, int(ttl_ms)) / 1000
+        self._last.hit = [prefixed, int(count), expires_at]
+        return int(count)
+
+    def _take(self, key: str, field: int) -> float | None:
+        hit = getattr(self._last, "hit", None)
+        if hit is None or hit[0] != self.prefixed_key(key) or hit[field] is None:
+            return None
+        value, hit[field] = hit[field], None
+        return value
+
+    def get(self, key: str) -> int:
+        count = self._take(key, 1)
+        return int(count) if count is not None else super().get(key)
+
+    def get_expiry(self, key: str) -> float:
+        expires_at = self._take(key, 2)
+        return expires_at if expires_at is not None else super().get_expiry(key)
+
+
 def _per_minute_limit() -> str:
     # Read at request time, so the limit is the app's config, not an import constant.
     return f"{current_app.config['RATE_LIMIT_REQUESTS']} per minute"
@@ -118,6 +166,8 @@ def _is_exempt() -> bool:
 def _storage_uri(configured: str) -> str:
     if configured.startswith("memory://"):
         return "llm-service-memory://"
+    if configured.startswith(("redis://", "rediss://")):
+        return HitStatsRedisStorage.PREFIX_OWN + configured
     return configured
 
 

@@ -16,6 +16,9 @@ from typing import Any
 
 import backoff
 import requests
+from requests.cookies import RequestsCookieJar
+from requests.hooks import default_hooks
+from requests.models import complexjson
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
 from .chunks import BODY_EXCERPT, ChatResult, Usage, parse_usage, read_chat_completion
@@ -248,6 +251,8 @@ class LMStudioClient:
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        #: Each path's URL, checked and quoted once (see _prepare).
+        self._urls: dict[str, str] = {}
         self.session.headers["User-Agent"] = "llm-service"
         self.session.headers["Accept"] = "application/json"
         #: True when calls carry ``Authorization: Bearer`` (the token itself
@@ -692,13 +697,13 @@ class LMStudioClient:
             self._track_generation(1)
         try:
             with scope.active():
-                response = self.session.request(
-                    method,
-                    self.base_url + path,
-                    json=json,
-                    headers=headers,
-                    timeout=(connect, read),
+                response = self.session.send(
+                    self._prepare(method, path, json, headers),
+                    allow_redirects=False,
                     stream=True,
+                    timeout=(connect, read),
+                    verify=self.session.verify,
+                    proxies=self.session.proxies,
                 )
                 # Read here, in bounded pieces and under the scope's watch, so
                 # a failure half-way is translated like any other.
@@ -723,6 +728,45 @@ class LMStudioClient:
         if not fits:
             raise self._too_large(response)
         return response
+
+    def _prepare(
+        self, method: str, path: str, payload: Any, headers: Mapping[str, str]
+    ) -> requests.PreparedRequest:
+        """Build the request as ``Session.request`` would, without its per-call work.
+
+        The session's settings are fixed at start (proxies and TLS read once),
+        so merging them again on every call (a third of requests' own cost
+        here) bought nothing. Left out on purpose: cookies (a cookie an
+        upstream sets during one caller's call must never ride on another
+        caller's) and redirects (never followed, see ``_send``: a redirected
+        POST would be re-sent as a GET; :meth:`_parse` refuses a 3xx).
+        """
+        url = self._urls.get(path)
+        if url is None:
+            checked = requests.PreparedRequest()
+            checked.prepare_url(self.base_url + path, None)
+            url = self._urls[path] = checked.url
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = url
+        prepared.headers = self.session.headers.copy()
+        prepared.headers.update(headers)
+        prepared.hooks = default_hooks()
+        # Empty, and never filled from the session's jar (see above); requests
+        # reads it when it looks at a redirect it will not follow.
+        prepared._cookies = RequestsCookieJar()
+        if payload is None:
+            if method not in ("GET", "HEAD"):
+                prepared.headers["Content-Length"] = "0"
+            return prepared
+        try:
+            body = complexjson.dumps(payload, allow_nan=False).encode("utf-8")
+        except ValueError as err:
+            raise requests.exceptions.InvalidJSONError(err) from err
+        prepared.body = body
+        prepared.headers["Content-Type"] = "application/json"
+        prepared.headers["Content-Length"] = str(len(body))
+        return prepared
 
     def _read_body(self, response: requests.Response) -> bool:
         """Read the body in bounded pieces; False (and closed) when over the limit.
@@ -821,6 +865,14 @@ class LMStudioClient:
             body = None
         message, code = error_message(body)
         is_error_body = isinstance(body, dict) and "error" in body
+        if 300 <= status < 400:
+            raise LMStudioProtocolError(
+                f"The upstream redirected the call (HTTP {status}): the gateway's "
+                "upstream URL must point at the model server itself.",
+                status=status,
+                request_id=request_id,
+                cause="not_openai",
+            )
         if status >= 400 or is_error_body:
             if not message:
                 # An empty (or shapeless) error body: its status text still

@@ -106,10 +106,18 @@ return renewed
 """
 )
 
-#: KEYS: the host's set, the channel. ARGV: lease id, host. Returns 1 if held.
+#: KEYS: the host's set, the channel, its waiting processes. ARGV: lease id,
+#: host. Returns 1 if held.
+#:
+#: The release is announced only while some process waits for the host: a
+#: process that waits has tried ACQUIRE and is in that set (both scripts are
+#: atomic, so no release falls between its try and its registration), and with
+#: nobody waiting, an announcement would only wake every gateway's listener.
 RELEASE = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+end
 return removed
 """
 
@@ -152,8 +160,9 @@ class RedisSlots:
     def release(self, lease: Lease) -> None:
         with self._lock:
             self.held.pop(lease.id, None)
+        waiting, _ = _turn_keys(lease.host)
         self._release(
-            keys=[slots_key(lease.host), CHANNEL], args=[lease.id, lease.host]
+            keys=[slots_key(lease.host), CHANNEL, waiting], args=[lease.id, lease.host]
         )
 
     def renew(self) -> int:

@@ -343,3 +343,33 @@ def test_a_released_slot_goes_to_the_process_that_waited_longest(
     assert waiting.try_acquire("turns:1", 1) is not None
     assert releasing.try_acquire("turns:1", 1) is None  # full again
     assert client.zcard("llm_service:slots:turns:1") == 1
+
+
+def test_a_release_is_announced_only_while_a_process_waits(
+    redis_url,  # noqa: F811
+):
+    """No waiter, no announcement: it would wake every gateway's listener."""
+    from llm_service.upstreams.leases import CHANNEL, RedisSlots
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(CHANNEL)
+    assert listener.get_message(timeout=1) is None  # the subscription itself
+
+    def announced() -> list[bytes]:
+        found = []
+        while (message := listener.get_message(timeout=0.2)) is not None:
+            found.append(message["data"])
+        return found
+
+    one, other = RedisSlots(client, 30), RedisSlots(client, 30)
+    lease = one.try_acquire("quiet:1", 1)
+    one.release(lease)
+    assert announced() == []
+
+    lease = one.try_acquire("quiet:1", 1)
+    assert other.try_acquire("quiet:1", 1) is None  # now waiting
+    one.release(lease)
+    assert announced() == [b"quiet:1"]
+    listener.close()

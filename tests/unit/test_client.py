@@ -185,13 +185,13 @@ def test_every_attempt_has_timeouts(upstream):
     upstream.post(CHAT, json=chat_completion())
     seen = {}
 
-    original = lm.session.request
+    original = lm.session.send
 
     def spy(*args, **kwargs):
         seen["timeout"] = kwargs["timeout"]
         return original(*args, **kwargs)
 
-    lm.session.request = spy
+    lm.session.send = spy
     lm.chat_completion(PAYLOAD)
     assert seen["timeout"] == (1.5, 7)
 
@@ -204,13 +204,13 @@ def test_budget_bounds_the_last_attempts_timeout(upstream, monkeypatch):
         "llm_service.lmstudio.client.time.monotonic", lambda: next(clock)
     )
     seen = {}
-    original = lm.session.request
+    original = lm.session.send
 
     def spy(*args, **kwargs):
         seen["timeout"] = kwargs["timeout"]
         return original(*args, **kwargs)
 
-    lm.session.request = spy
+    lm.session.send = spy
     upstream.post(CHAT, json=chat_completion())
     lm.chat_completion(PAYLOAD)
     assert seen["timeout"] == (1.0, 1.0)
@@ -521,3 +521,36 @@ def test_probe_recognises_another_llm_service(client, upstream):
     )
     upstream.get(f"{BASE}/lmstudio-greeting", status=404)
     assert client.probe().chained
+
+
+def test_a_redirect_is_refused_not_followed(client, upstream):
+    """A redirected POST would come back as a GET elsewhere: never followed."""
+    upstream.post(
+        CHAT, status=307, headers={"Location": "http://elsewhere.invalid/v1/x"}
+    )
+    with pytest.raises(LMStudioProtocolError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.status == 307
+    assert info.value.cause == "not_openai"
+    assert [call.request.url for call in upstream.calls] == [CHAT]
+
+
+def test_an_upstream_cookie_never_rides_on_a_later_call(client, upstream):
+    """One caller's call must not hand the next caller's call its cookies."""
+    upstream.post(
+        CHAT, json=chat_completion(), headers={"Set-Cookie": "session=abc; Path=/"}
+    )
+    client.chat_completion(PAYLOAD)
+    client.chat_completion(PAYLOAD)
+    assert len(upstream.calls) == 2
+    assert "Cookie" not in upstream.calls[1].request.headers
+
+
+def test_the_body_sent_is_the_payload_as_json(client, upstream):
+    upstream.post(CHAT, json=chat_completion())
+    client.chat_completion(PAYLOAD)
+    sent = upstream.calls[0].request
+    assert json.loads(sent.body) == PAYLOAD
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["Content-Length"] == str(len(sent.body))
+    assert sent.headers["User-Agent"] == "llm-service"

@@ -54,6 +54,21 @@ def test_one_gthread_process_with_many_threads(settings):
     assert conf["worker_connections"] > conf["threads"]
 
 
+def test_one_process_per_core_when_state_is_shared(settings, monkeypatch):
+    """With Redis, limits, quotas and slots are shared: every core serves."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    shared = settings(LLM_SERVICE_RATE_LIMIT_STORAGE_URI="redis://127.0.0.1:6379/0")
+    assert shared["workers"] == 3
+
+
+def test_explicit_workers_win_over_the_core_count(settings):
+    conf = settings(
+        LLM_SERVICE_RATE_LIMIT_STORAGE_URI="redis://127.0.0.1:6379/0",
+        GUNICORN_WORKERS="5",
+    )
+    assert conf["workers"] == 5
+
+
 def test_request_line_and_header_limits(settings):
     """README, Errors: a request line over 8 KB, a header over 32 KB are refused
     (tests/integration/test_gateway.py sends them to real gunicorn)."""

@@ -145,10 +145,11 @@ def test_limited_requests_start_no_threads(app_factory, monkeypatch):
     assert started == []
 
 
-def test_redis_storage_uri_is_used_as_given(app_factory):
+def test_storage_uris_pick_the_gateways_own_stores(app_factory):
     from llm_service.limits import _storage_uri
 
-    assert _storage_uri("redis://h:6379/0") == "redis://h:6379/0"
+    assert _storage_uri("redis://h:6379/0") == "llm-service-redis://h:6379/0"
+    assert _storage_uri("redis+sentinel://h/m") == "redis+sentinel://h/m"
     assert _storage_uri("memory://") == "llm-service-memory://"
 
 

@@ -275,6 +275,32 @@ def test_budget_ends_a_call_whose_reads_never_time_out(silent):
     assert time.monotonic() - started < 2
 
 
+def test_the_watchdog_is_woken_only_for_a_new_earliest_deadline():
+    """Most calls end after one already watched: waking the thread for each cost
+    every request a thread switch (and the GIL) for nothing."""
+    from llm_service.lmstudio.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    wakes = []
+    original = watchdog._cond.notify
+    watchdog._cond.notify = lambda *a: (wakes.append(1), original(*a))
+    now = time.monotonic()
+    scopes = [CallScope() for _ in range(50)]
+    for offset, scope in enumerate(scopes):
+        watchdog.schedule(scope, now + 30 + offset)
+    assert len(wakes) == 1  # the first, which was the earliest
+    urgent = CallScope()
+    urgent.deadline = now + 0.2
+    watchdog.schedule(urgent, urgent.deadline)
+    assert len(wakes) == 2
+    deadline = time.monotonic() + 5
+    while urgent.reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert urgent.reason is not None  # expired on time, not 30 s later
+    assert time.monotonic() - now < 3
+    assert all(scope.reason is None for scope in scopes)
+
+
 def test_cancelled_before_the_call_sends_nothing(upstream):
     from llm_service.lmstudio import LMStudioCancelledError
 
