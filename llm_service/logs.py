@@ -78,14 +78,16 @@ class CorrelationIdFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        correlation_id = "-"
         if has_request_context():
-            correlation_id = g.get("correlation_id", "-")
+            record.correlation_id = g.get("correlation_id", "-")
             trace = g.get("trace")
             if trace is not None:
                 record.trace_id = trace.trace_id
                 record.span_id = trace.span_id
-        record.correlation_id = correlation_id
+        elif not hasattr(record, "correlation_id"):
+            # Outside a request, unless the record names its request itself
+            # (a stream's access record, written after its context is gone).
+            record.correlation_id = "-"
         return True
 
 

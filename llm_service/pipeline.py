@@ -73,31 +73,66 @@ def _finish_response(response: Response) -> Response:
         # The model host that served the request (its name, never its URL).
         response.headers[UPSTREAM_HOST_HEADER] = g.upstream_host
     g.response_status = response.status_code
+    if response.is_streamed and "started" in g:
+        # Flask runs teardown when the view returns and again when a stream
+        # ends (or not at all if it is closed unstarted): a stream's record is
+        # written once, when the server closes its body, with its whole time.
+        g.access_deferred = True
+        state, where = g._get_current_object(), _Where.of_request()
+        response.call_on_close(lambda: _write_access(state, where))
     return response
+
+
+class _Where:
+    """The request's facts an access record needs after its context is gone."""
+
+    __slots__ = ("client", "correlation_id", "method", "path", "trace")
+
+    @classmethod
+    def of_request(cls) -> _Where:
+        where = cls()
+        where.method, where.path = request.method, request.path
+        where.client = request.remote_addr
+        where.correlation_id = correlation_id()
+        where.trace = g.get("trace")
+        return where
 
 
 def _log_access(_error: BaseException | None) -> None:
     """Write one access record per request, after the response is complete."""
-    started = g.get("started")
-    if started is None:
+    if "started" in g and not g.get("access_deferred"):
+        _write_access(g._get_current_object(), None)
+
+
+def _write_access(state: object, where: _Where | None) -> None:
+    """Write the record from ``state`` (the request's ``g``), once.
+
+    ``where``: the request's facts, for a stream's record written after its
+    context is gone (the correlation ID and trace then ride on the record).
+    """
+    if getattr(state, "access_written", False):
         return
-    access_log.info(
-        "%s %s %s",
-        request.method,
-        request.path,
-        g.get("response_status", 500),
-        extra={
-            "method": request.method,
-            "path": request.path,
-            "status": g.get("response_status", 500),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "client": request.remote_addr,
-            "upstream_status": g.get("upstream_status"),
-            "upstream_retries": max(0, g.get("upstream_attempts", 0) - 1),
-            "upstream_host": g.get("upstream_host"),
-            "queue_ms": (round(g.queue_time * 1000, 2) if "queue_time" in g else None),
-        },
-    )
+    state.access_written = True
+    queue_time = getattr(state, "queue_time", None)
+    status = getattr(state, "response_status", 500)
+    extra = {
+        "status": status,
+        "duration_ms": round((time.perf_counter() - state.started) * 1000, 2),
+        "upstream_status": getattr(state, "upstream_status", None),
+        "upstream_retries": max(0, getattr(state, "upstream_attempts", 0) - 1),
+        "upstream_host": getattr(state, "upstream_host", None),
+        "queue_ms": round(queue_time * 1000, 2) if queue_time is not None else None,
+    }
+    if where is None:
+        method, path, client = request.method, request.path, request.remote_addr
+    else:
+        method, path, client = where.method, where.path, where.client
+        extra["correlation_id"] = where.correlation_id
+        if where.trace is not None:
+            extra["trace_id"] = where.trace.trace_id
+            extra["span_id"] = where.trace.span_id
+    extra.update(method=method, path=path, client=client)
+    access_log.info("%s %s %s", method, path, status, extra=extra)
 
 
 def init_app(app: Flask) -> None:

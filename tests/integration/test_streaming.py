@@ -318,3 +318,39 @@ def test_200_concurrent_streams_and_health_still_answers(gateway, fake):
     assert health_seconds < 1.0
     assert len(results) == 200
     assert all(status == 200 and b"[DONE]" in body for status, body in results)
+
+
+def test_a_stream_is_one_access_record_with_its_whole_duration(gateway, fake):
+    """Logged once, when the body is closed (gunicorn), not when the view returns."""
+    fake.stream_interval = 0.1
+    correlation = f"one-record-{time.monotonic_ns()}"
+    started = time.monotonic()
+    response = requests.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={"X-Correlation-ID": correlation},
+        stream=True,
+        timeout=30,
+    )
+    body = response.content
+    elapsed_ms = (time.monotonic() - started) * 1000
+    assert b"[DONE]" in body
+    deadline = time.monotonic() + 5
+    while True:
+        records = [
+            json.loads(line)
+            for line in gateway.logs().splitlines()
+            if correlation in line and '"llm_service.access"' in line
+        ]
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # a second record, if any, would be written by now
+    records = [
+        json.loads(line)
+        for line in gateway.logs().splitlines()
+        if correlation in line and '"llm_service.access"' in line
+    ]
+    assert len(records) == 1
+    # The stream's whole time (chunks 0.1 s apart), not the view's.
+    assert records[0]["duration_ms"] >= 0.5 * elapsed_ms

@@ -234,3 +234,38 @@ def test_text_format(app_factory):
     assert "[c-1]" in line
     assert not line.startswith("{")
     assert app.config["LOG_FORMAT"] == "text"
+
+
+def test_a_stream_has_one_access_record_written_when_it_ends(
+    client, upstream, log_output
+):
+    """Flask runs teardown when the view returns and again when a stream ends:
+    the record is written once, with the stream's whole duration."""
+    events = [
+        {"model": "m", "choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+        {"model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.post(
+        f"{UPSTREAM}/v1/chat/completions",
+        body=body + b"data: [DONE]\n\n",
+        content_type="text/event-stream",
+    )
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        | {"stream": True},
+        buffered=False,
+    )
+    access = lambda: [  # noqa: E731
+        line for line in log_output.lines if '"llm_service.access"' in line
+    ]
+    assert access() == []  # not before the stream is sent
+    assert b"[DONE]" in b"".join(response.response)
+    response.close()
+    (record,) = [json.loads(line) for line in access()]
+    assert record["status"] == 200
+    assert record["path"] == "/v1/chat/completions"
+    # Written after the request's context is gone, still naming its request.
+    assert record["correlation_id"] == response.headers["X-Correlation-ID"]
+    assert record["upstream_status"] == 200
