@@ -438,6 +438,22 @@ def requested_model() -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+def visible_models(listing: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI model list as this request's key may see it (its globs only)."""
+    caller = current_caller()
+    data = listing.get("data")
+    if caller.models == () or not isinstance(data, list):
+        return listing
+    allowed = [
+        entry
+        for entry in data
+        if isinstance(entry, dict)
+        and isinstance(entry.get("id"), str)
+        and caller.may_use(entry["id"])
+    ]
+    return {**listing, "data": allowed}
+
+
 def check_model(caller: Caller, model: str | None) -> None:
     """Refuse (403) a model outside the key's globs, before the upstream sees it."""
     if caller.models == ():
@@ -471,7 +487,8 @@ def _enforce() -> None:
         return
     if found.failure is not None:
         raise found.failure
-    if request.blueprint in {"message", "openai"}:
+    if request.blueprint in {"message", "openai"} and request.method == "POST":
+        # A call names its model; a listing (GET /v1/models) is filtered instead.
         check_model(found.caller, requested_model())
 
 

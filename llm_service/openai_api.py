@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, g
 
+from .auth import visible_models
 from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
 from .schemas import (
@@ -78,9 +79,10 @@ def list_models():
     """List the upstream's models (OpenAI ``list`` object).
 
     With several hosts, each model once, with ``loaded_on`` and ``available_on``
-    naming the hosts where it is loaded and where it is listed.
+    naming the hosts where it is loaded and where it is listed. A key limited
+    to some models sees those only.
     """
-    return get_upstream().list_models()
+    return visible_models(get_upstream().list_models())
 
 
 @bp.post("/chat/completions")

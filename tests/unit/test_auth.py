@@ -155,6 +155,32 @@ def test_expired_key_is_refused(keyed_app):
     }
 
 
+def test_a_key_limited_to_some_models_lists_only_those(keyed_app, upstream):
+    listing = {
+        "object": "list",
+        "data": [
+            {"id": "qwen2.5-7b", "object": "model"},
+            {"id": "Llama-3.1-8B", "object": "model"},
+            {"id": "mistral-7b", "object": "model"},
+        ],
+    }
+    models = CHAT.replace("/chat/completions", "/models")
+    upstream.get(models, json=listing)
+    upstream.get(models, json=listing)
+    limited = create_key(keyed_app, "alice", "--models", "qwen*,llama-3*")
+    everything = create_key(keyed_app, "bob")
+    client = keyed_app.test_client()
+    seen = client.get("/v1/models", headers=bearer(limited)).get_json()
+    assert [m["id"] for m in seen["data"]] == ["qwen2.5-7b", "Llama-3.1-8B"]
+    assert seen["object"] == "list"
+    seen = client.get("/v1/models", headers=bearer(everything)).get_json()
+    assert [m["id"] for m in seen["data"]] == [
+        "qwen2.5-7b",
+        "Llama-3.1-8B",
+        "mistral-7b",
+    ]
+
+
 def test_forbidden_model_is_403_and_never_reaches_the_upstream(keyed_app, upstream):
     key = create_key(keyed_app, "alice", "--models", "qwen*,llama-3*")
     client = keyed_app.test_client()
