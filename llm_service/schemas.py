@@ -237,6 +237,10 @@ class HostHealthSchema(Schema):
         required=True, metadata={"description": "This process's requests there now."}
     )
     slots = fields.Integer(required=True)
+    queued = fields.Integer(
+        required=True,
+        metadata={"description": "This process's requests waiting for a slot there."},
+    )
     circuit = fields.String(
         required=True, validate=validate.OneOf(("closed", "open", "half_open"))
     )

@@ -375,7 +375,11 @@ class Upstream:
 
     def hosts_view(self) -> list[dict[str, Any]]:
         """Each host as ``/health`` shows it (call after :meth:`health`)."""
-        return [host.view() for host in self.hosts]
+        waiting = self.admission.snapshot()
+        return [
+            {**host.view(), "queued": waiting.get(host.slot_key, {}).get("queued", 0)}
+            for host in self.hosts
+        ]
 
     def servable_models(self) -> list[str]:
         """Models that can answer, from a fresh probe or else the last good one.

@@ -373,3 +373,23 @@ def test_a_release_is_announced_only_while_a_process_waits(
     one.release(lease)
     assert announced() == [b"quiet:1"]
     listener.close()
+
+
+def test_health_shows_the_requests_waiting_for_a_slot(queue_gateway, fake):
+    first = occupy(queue_gateway, fake, 1.5)
+    second = in_background(post, queue_gateway, chat("second"))
+    deadline = time.monotonic() + 5
+    queued = None
+    while time.monotonic() < deadline:
+        (host,) = requests.get(f"{queue_gateway.url}/health", timeout=10).json()[
+            "hosts"
+        ]
+        queued = host["queued"]
+        if queued == 1:
+            break
+        time.sleep(0.05)
+    assert queued == 1
+    assert first().status_code == 200
+    assert second().status_code == 200
+    (host,) = requests.get(f"{queue_gateway.url}/health", timeout=10).json()["hosts"]
+    assert host["queued"] == 0
