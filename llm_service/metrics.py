@@ -163,48 +163,47 @@ SPECS: dict[str, Spec] = {
         "completion) and API key name.",
         ("model", "direction", "key"),
     ),
-    # -- reserved for the issues that add hosts, queueing and keys -----------
+    # -- several hosts, the admission queue, keys and usage records ----------
     "upstream_slots": Spec(
-        "gauge", "Generations a host runs at once.", ("host",), "max", planned=True
+        "gauge", "Generations a host runs at once.", ("host",), "max"
     ),
     "upstream_circuit_state": Spec(
         "gauge",
         "1 for a host's circuit breaker state (closed, open, half_open).",
         ("host", "state"),
         "mostrecent",
-        planned=True,
     ),
     "upstream_failovers_total": Spec(
         "counter",
         "Requests moved to another host after this one failed.",
         ("host",),
-        planned=True,
     ),
-    "queue_depth": Spec(
-        "gauge", "Requests waiting for a slot.", ("host",), planned=True
-    ),
+    "queue_depth": Spec("gauge", "Requests waiting for a slot.", ("host",)),
     "queue_wait_seconds": Spec(
         "histogram",
         "Time requests waited for a slot.",
         ("host",),
         buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-        planned=True,
     ),
     "auth_failures_total": Spec(
-        "counter", "Failed authentications, by error code.", ("kind",), planned=True
+        "counter", "Failed authentications, by error code.", ("kind",)
     ),
-    "usage_buffer_depth": Spec(
-        "gauge", "Usage records waiting to be written.", planned=True
-    ),
+    "usage_buffer_depth": Spec("gauge", "Usage records waiting to be written."),
     "usage_records_dropped_total": Spec(
-        "counter", "Usage records dropped: the buffer was full.", planned=True
+        "counter", "Usage records dropped: the buffer was full."
     ),
 }
 
 #: Error codes counted in ``limit_rejections_total`` (``kind`` label).
-REJECTION_CODES: set[str] = {"rate_limited"}
+REJECTION_CODES: set[str] = {
+    "rate_limited",
+    "token_quota_exceeded",
+    "concurrency_limit_exceeded",
+    "queue_full",
+    "queue_timeout",
+}
 #: Error codes counted in ``auth_failures_total`` (``kind`` label).
-AUTH_FAILURE_CODES: set[str] = set()
+AUTH_FAILURE_CODES: set[str] = {"invalid_api_key", "api_key_expired", "api_key_revoked"}
 
 _created: dict[str, Any] = {}
 _create_lock = threading.Lock()
@@ -534,24 +533,76 @@ MONITORING_BLUEPRINTS = frozenset({"monitoring"})
 
 
 def refresh_upstream_state() -> None:
-    """Probe the upstream (cached) so ``upstream_up`` and model labels are current."""
+    """Probe the hosts (cached) so their gauges and the model labels are current.
+
+    ``upstream_up``, ``upstream_slots`` and ``upstream_circuit_state`` describe
+    the hosts, not this process's traffic: whichever worker is scraped sets them.
+    """
     from .upstreams import get_upstream
 
     upstream = get_upstream()
     report = upstream.health()
-    host = current_app.extensions[EXTENSION].host
-    metric("upstream_up").labels(host=host).set(1 if report.reachable else 0)
     if report.reachable:
         model_labels.learn(report.models)
+    for host in upstream.hosts:
+        label = host_label(host.client.base_url)
+        view = host.view()
+        up = report.reachable if not upstream.several else view["status"] != "down"
+        metric("upstream_up").labels(host=label).set(1 if up else 0)
+        if upstream.several and view["status"] in ("up", "busy"):
+            model_labels.learn(view["models"])
+        metric("upstream_slots").labels(host=label).set(
+            upstream.admission.slots(host.slot_key)
+        )
+        circuit = metric("upstream_circuit_state")
+        for state in CIRCUIT_STATES:
+            circuit.labels(host=label, state=state).set(
+                1 if state == view["circuit"] else 0
+            )
+
+
+#: A circuit breaker's states (``upstream_circuit_state``'s ``state`` label).
+CIRCUIT_STATES = ("closed", "open", "half_open")
 
 
 @dataclass
 class Metrics:
-    """The app's metrics state: its host label and its traffic window."""
+    """The app's metrics state: its (first) host's label and its traffic window."""
 
     host: str
     window: Window
-    observer: UpstreamObserver
+
+
+def _observe_admission(upstream: Any) -> None:
+    """Feed the queue's metrics (this process's requests waiting, and waits)."""
+    labels = {h.slot_key: host_label(h.client.base_url) for h in upstream.hosts}
+    depth, wait = metric("queue_depth"), metric("queue_wait_seconds")
+    failovers = metric("upstream_failovers_total")
+
+    def depth_changed(key: str, waiting: int) -> None:
+        depth.labels(host=labels.get(key, key)).set(waiting)
+
+    def admitted(key: str, waited: float) -> None:
+        wait.labels(host=labels.get(key, key)).observe(waited)
+
+    upstream.admission.on_depth = depth_changed
+    upstream.admission.on_admitted = admitted
+    upstream.on_failover = lambda h: failovers.labels(
+        host=host_label(h.client.base_url)
+    ).inc()
+
+
+def _observe_usage_log(app: Flask) -> None:
+    """Feed the usage-record buffer's metrics (this process's buffer)."""
+    from .usage import EXTENSION as USAGE
+
+    usage_log = app.extensions.get(USAGE)
+    if usage_log is None:
+        return
+    depth = metric("usage_buffer_depth")
+    dropped = metric("usage_records_dropped_total")
+    usage_log.on_depth = depth.set
+    usage_log.on_drop = dropped.inc
 
 
 def host_label(base_url: str) -> str:
@@ -570,11 +621,14 @@ def init_app(app: Flask) -> None:
     if not app.config["METRICS"]:
         return
     host = host_label(app.config["LM_STUDIO_BASE_URL"])
-    observer = UpstreamObserver(host)
     model_labels.learn([m for m in (app.config["DEFAULT_MODEL"],) if m])
-    app.extensions[UPSTREAM].observe_calls(observer)
+    upstream = app.extensions[UPSTREAM]
+    # Each host its own label (host:port of its URL), several hosts included.
+    upstream.observe_calls(lambda h: UpstreamObserver(host_label(h.client.base_url)))
+    _observe_admission(upstream)
+    _observe_usage_log(app)
     window = Window(os.environ.get(MULTIPROC_ENV))
-    app.extensions[EXTENSION] = Metrics(host, window, observer)
+    app.extensions[EXTENSION] = Metrics(host, window)
     # Before every other hook: requests refused by one (limits, loops, the
     # drain) are counted too.
     first = app.before_request_funcs.setdefault(None, [])

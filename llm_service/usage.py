@@ -235,12 +235,17 @@ class UsageLog:
         self.failing = False
         self._dropped_logged_at = 0.0
         self._stopped = False
+        #: Told the records waiting after each change, and each drop (metrics).
+        self.on_depth: Callable[[int], None] | None = None
+        self.on_drop: Callable[[], None] | None = None
 
     def put(self, record: dict[str, Any], engine: Engine) -> None:
         """Queue one record; never blocks, never touches the database."""
         with self._cond:
             if len(self._queue) + len(self._pending) >= self.capacity:
                 self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
                 now = time.monotonic()
                 if now - self._dropped_logged_at >= DROP_LOG_SECONDS:
                     self._dropped_logged_at = now
@@ -252,6 +257,8 @@ class UsageLog:
                     )
                 return
             self._queue.append(record)
+            if self.on_depth is not None:
+                self.on_depth(len(self._queue) + len(self._pending))
             self._engine = engine
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -330,6 +337,8 @@ class UsageLog:
             with self._cond:
                 self._pending = []
                 self.written += len(batch)
+                if self.on_depth is not None:
+                    self.on_depth(len(self._queue))
                 self._cond.notify_all()
             if self.failing:
                 log.info("usage records written again after a database outage")

@@ -348,6 +348,10 @@ class Admission:
         self._queued = 0
         self._per_caller: collections.Counter[str] = collections.Counter()
         self._attached: int | None = None
+        #: Told a host's waiting requests after each change (metrics).
+        self.on_depth: Callable[[str, int], None] | None = None
+        #: Told each admission: the host and the seconds it waited (metrics).
+        self.on_admitted: Callable[[str, float], None] | None = None
 
     # -- slots -----------------------------------------------------------------
 
@@ -428,6 +432,8 @@ class Admission:
             entry.push(ticket)
             self._queued += 1
             self._per_caller[caller] += 1
+            if self.on_depth is not None:
+                self.on_depth(host, entry.waiting)
         self._dispatch(entry)
         return ticket
 
@@ -493,12 +499,16 @@ class Admission:
         ticket.admitted_at = self.clock()
         entry.in_flight += 1
         ticket._event.set()
+        if self.on_admitted is not None:
+            self.on_admitted(entry.name, ticket.admitted_at - ticket.entered_at)
 
     def _unqueue(self, ticket: Ticket) -> None:
         self._queued -= 1
         self._per_caller[ticket.caller] -= 1
         if self._per_caller[ticket.caller] <= 0:
             del self._per_caller[ticket.caller]
+        if self.on_depth is not None:
+            self.on_depth(ticket.host, self._hosts[ticket.host].waiting)
 
     # -- leaving ---------------------------------------------------------------
 

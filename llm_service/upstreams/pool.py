@@ -104,6 +104,8 @@ class Upstream:
         self.retry_budget = retry_budget
         self.affinity = affinity
         self.discovery = discovery
+        #: Told each host a request leaves for the next one (metrics).
+        self.on_failover: Callable[[Host], None] | None = None
 
     @property
     def several(self) -> bool:
@@ -124,10 +126,10 @@ class Upstream:
 
     # -- what other concerns attach (metrics, tracing) -------------------------
 
-    def observe_calls(self, observer: Any) -> None:
-        """Tell ``observer`` about every call made for a request, at every host."""
+    def observe_calls(self, observer_for: Callable[[Host], Any]) -> None:
+        """Give each host's client its observer of every call made there."""
         for host in self.hosts:
-            host.client.observer = observer
+            host.client.observer = observer_for(host)
 
     def send_headers(self, hook: Callable[[], Any]) -> None:
         """Add the headers ``hook`` returns to every request sent to any host."""
@@ -559,6 +561,8 @@ class _Plan:
                 error.status,
                 self.hosts[self._next].name,
             )
+            if self.pool.on_failover is not None:
+                self.pool.on_failover(host)
         return retry
 
     def final(self, error: LMStudioError) -> LMStudioError:

@@ -6,6 +6,8 @@ are read from prometheus_client's registry (one process here), as deltas.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import REGISTRY
 
@@ -282,3 +284,115 @@ def test_workers_windows_are_summed(tmp_path, monkeypatch):
     assert "window-12345.bin" in {p.name for p in tmp_path.iterdir()}
     summary = first.summary(60, 1002.0)
     assert (summary.requests, summary.errors) == (2, 1)
+
+
+# -- hosts, the queue, keys and usage records --------------------------------
+
+
+def test_a_scrape_sets_each_hosts_slots_and_circuit(app_factory, fake):
+    app = app_factory(LM_STUDIO_URL=fake.url, UPSTREAM_SLOTS=3)
+    app.test_client().get("/metrics")
+    host = host_of(app)
+    assert value("upstream_slots", host=host) == 3
+    assert value("upstream_up", host=host) == 1
+    assert value("upstream_circuit_state", host=host, state="closed") == 1
+    assert value("upstream_circuit_state", host=host, state="open") == 0
+
+
+def test_waiting_requests_feed_the_queue_depth_and_wait(app_factory, fake):
+    from llm_service.upstreams import EXTENSION as UPSTREAM
+
+    app = app_factory(LM_STUDIO_URL=fake.url, UPSTREAM_SLOTS=1)
+    upstream = app.extensions[UPSTREAM]
+    (entry,) = upstream.hosts
+    host = host_of(app)
+    waits = value("queue_wait_seconds_count", host=host)
+    running = upstream.admission.enter(entry.slot_key, "first")
+    waiting = upstream.admission.enter(entry.slot_key, "second")
+    assert not waiting.admitted
+    assert value("queue_depth", host=host) == 1
+    running.release()
+    assert waiting.wait(5)
+    assert value("queue_depth", host=host) == 0
+    assert value("queue_wait_seconds_count", host=host) == waits + 2
+    waiting.release()
+
+
+def test_a_request_moved_to_another_host_counts_a_failover(app_factory):
+    import json
+
+    with (
+        FakeLMStudio(models=["loaded-model"], loaded=["loaded-model"]) as broken,
+        FakeLMStudio(models=["loaded-model"], loaded=["loaded-model"]) as spare,
+    ):
+        broken.fault("status", status=503, path="/v1/chat/completions")
+        # Equal hosts are tried in a random order weighted by their weight: the
+        # broken one goes first but about once in 10,000.
+        hosts = [
+            {"name": "broken", "url": broken.url, "weight": 100},
+            {"name": "here", "url": spare.url, "weight": 0.01},
+        ]
+        app = app_factory(
+            UPSTREAMS=json.dumps(hosts),
+            LM_STUDIO_URL=None,
+            DISCOVERY_INTERVAL_SECONDS=0,
+            LM_STUDIO_RETRY_AFTER_MAX=0,
+        )
+        label = metrics.host_label(broken.url)
+        before = value("upstream_failovers_total", host=label)
+        answer = app.test_client().post(
+            "/v1/chat/completions",
+            json={
+                "model": "loaded-model",
+                # A conversation no host has seen: no affinity, the first host.
+                "messages": [{"role": "user", "content": f"new {time.time_ns()}"}],
+            },
+        )
+    assert answer.status_code == 200
+    assert answer.headers["X-Upstream-Host"] == "here"
+    assert value("upstream_failovers_total", host=label) == before + 1
+
+
+def test_failed_authentications_and_quota_refusals_are_counted(
+    app_factory, fake, tmp_path
+):
+    app = app_factory(
+        LM_STUDIO_URL=fake.url, DATABASE_URL=f"sqlite:///{tmp_path}/keys.db"
+    )
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["keys", "create", "alice", "--rpm", "1"])
+    key = result.stdout.splitlines()[0]
+    client = app.test_client()
+    invalid = value("auth_failures_total", kind="invalid_api_key")
+    refused = value("limit_rejections_total", kind="rate_limited")
+    assert client.get("/v1/models", headers={"x-api-key": "sk-nope"}).status_code == 401
+    assert value("auth_failures_total", kind="invalid_api_key") == invalid + 1
+    body = {"model": "loaded-model", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    first = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == 200
+    answer = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert answer.status_code == 429
+    assert value("limit_rejections_total", kind="rate_limited") == refused + 1
+
+
+def test_the_usage_buffer_feeds_its_depth_and_drops(app_factory, fake, tmp_path):
+    from llm_service import db
+    from llm_service.usage import EXTENSION as USAGE
+
+    app = app_factory(
+        LM_STUDIO_URL=fake.url,
+        DATABASE_URL=f"sqlite:///{tmp_path}/usage.db",
+        USAGE_BUFFER_SIZE=1,
+        USAGE_FLUSH_SECONDS=30,
+    )
+    usage_log = app.extensions[USAGE]
+    dropped = value("usage_records_dropped_total")
+    with app.app_context():
+        engine = db.engine()
+        record = {"id": "x" * 32}
+        usage_log.put(record, engine)
+        assert value("usage_buffer_depth") == 1
+        usage_log.put(dict(record, id="y" * 32), engine)  # the buffer is full
+    usage_log.stop()
+    assert value("usage_records_dropped_total") == dropped + 1
