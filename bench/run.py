@@ -43,9 +43,13 @@ CHAT = "/v1/chat/completions"
 MESSAGE = "/llm/message"
 
 
-#: The upstream's slots for the gateway as deployed: more than the load's
-#: concurrency, so the queue is passed through (a lease per call), never waited in.
-DEPLOYED_SLOTS = 128
+#: The upstreams' slots for every gateway contender: nginx and the synthetic
+#: stream servers run any number of requests at once, so the admission queue is
+#: passed through (a slot taken and returned per call, a Redis lease as
+#: deployed), never waited in: a wait would measure the queue's purpose (a
+#: model server's few slots), not what it costs. The capacity figure holds up
+#: to 1,000 streams at once.
+BENCH_SLOTS = 4096
 
 
 def log(message: str) -> None:
@@ -128,6 +132,7 @@ class Lab:
                 url,
                 gateway_dir=self.gateway_dir,
                 log_level=log_level,
+                slots=BENCH_SLOTS,
             ),
         )
 
@@ -140,9 +145,8 @@ class Lab:
         """The gateway as deployed: INFO access logs, metrics, queue, Redis, a key.
 
         The key has requests/tokens-per-minute and concurrency quotas (counted in
-        Redis, never reached). The upstream gets ``DEPLOYED_SLOTS`` slots: every
-        call takes and returns a slot lease in Redis, and none waits (nginx
-        answers at once; a wait would measure the queue's purpose, not its cost).
+        Redis, never reached). The upstream gets ``BENCH_SLOTS`` slots: every
+        call takes and returns a slot lease in Redis, and none waits.
         """
         name = f"gateway-deployed-{workers}w{tag}"
         url = f"http://127.0.0.1:{self.upstream('nginx').port}"
@@ -157,7 +161,7 @@ class Lab:
                 redis_url=f"redis://127.0.0.1:{self.redis().port}/0",
                 workers=workers,
                 keyed=True,
-                slots=DEPLOYED_SLOTS,
+                slots=BENCH_SLOTS,
             ),
         )
 

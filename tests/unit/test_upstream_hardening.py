@@ -334,3 +334,29 @@ def test_requests_exceptions_still_map(upstream):
     upstream.get(MODELS, body=requests.ConnectionError("refused"))
     with pytest.raises(LMStudioConnectionError):
         LMStudioClient(UPSTREAM, retries=0).get_json("/v1/models")
+
+
+def test_the_watchdog_forgets_finished_calls_long_before_their_deadlines():
+    """Memory stays bounded by the calls running, not by the rate x the budget."""
+    from llm_service.lmstudio.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    running = []
+    now = time.monotonic()
+    for number in range(10 * Watchdog.COMPACT_EVERY):
+        scope = CallScope()
+        scope.deadline = now + 60
+        watchdog.schedule(scope, scope.deadline)
+        if number % 100 == 0:
+            running.append(scope)  # a few calls still going
+        else:
+            scope.finish()
+    assert len(running) <= watchdog.pending() <= len(running) + Watchdog.COMPACT_EVERY
+    # The running ones are still watched: their deadline still ends them.
+    late = CallScope()
+    late.deadline = time.monotonic() + 0.2
+    watchdog.schedule(late, late.deadline)
+    deadline = time.monotonic() + 5
+    while late.reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert late.reason is not None
