@@ -23,12 +23,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import contenders
 from bench.wire import KeepAliveClient
 from tests.databases import RedisServer
 from tests.fakes.lmstudio import FakeLMStudio
@@ -46,28 +46,10 @@ LIMITS = ["--rpm", "1000000", "--tpm", "1000000000", "--concurrency", "1000"]
 
 
 def create_key(database: str, name: str, *options: str) -> str:
+    """Create a key in ``database`` with ``flask keys create``; return its secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SERVICE_")}
     env.update(LLM_SERVICE_DATABASE_URL=database, LLM_SERVICE_ENV_FILE=os.devnull)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flask",
-            "--app",
-            "wsgi:app",
-            "keys",
-            "create",
-            name,
-            *options,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return result.stdout.strip()
+    return contenders.create_key(env, ROOT, name, *options)
 
 
 class Timed(KeepAliveClient):
