@@ -539,6 +539,7 @@ def refresh_upstream_state() -> None:
     the hosts, not this process's traffic: whichever worker is scraped sets them.
     """
     from .upstreams import get_upstream
+    from .upstreams.breaker import CLOSED, HALF_OPEN, OPEN
 
     upstream = get_upstream()
     report = upstream.health()
@@ -555,14 +556,10 @@ def refresh_upstream_state() -> None:
             upstream.admission.slots(host.slot_key)
         )
         circuit = metric("upstream_circuit_state")
-        for state in CIRCUIT_STATES:
+        for state in (CLOSED, OPEN, HALF_OPEN):
             circuit.labels(host=label, state=state).set(
                 1 if state == view["circuit"] else 0
             )
-
-
-#: A circuit breaker's states (``upstream_circuit_state``'s ``state`` label).
-CIRCUIT_STATES = ("closed", "open", "half_open")
 
 
 @dataclass
