@@ -52,7 +52,26 @@ def hosts_gateway(two_servers):
         "DISCOVERY_INTERVAL_SECONDS": 1,
     }
     with GatewayServer(settings) as gateway:
+        wait_until_both_hosts_answer(gateway)
         yield gateway
+
+
+def wait_until_both_hosts_answer(gateway, timeout: float = 120) -> None:
+    """Routing is under test here, not start-up: wait for both first probes.
+
+    On a loaded machine a server's first probe can time out; the gateway then
+    counts the host as down (and leaves it out of ``/v1/models``) until
+    discovery's next probe a second later.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        body = requests.get(f"{gateway.url}/health", timeout=30).json()
+        statuses = [host["status"] for host in body.get("hosts", [])]
+        if len(statuses) == 2 and all(s in ("up", "busy") for s in statuses):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the hosts never both answered: {statuses}")
+        time.sleep(0.5)
 
 
 def chat(gateway, model, messages, max_tokens=4):
