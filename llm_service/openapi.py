@@ -36,7 +36,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from . import __version__, errors
 from .limits import UNLIMITED_BLUEPRINTS
-from .pipeline import CORRELATION_HEADER
+from .pipeline import CORRELATION_HEADER, CORRELATION_ID_PATTERN
 from .schemas import ErrorResponseSchema
 
 OPENAPI_VERSION = "3.0.3"
@@ -93,7 +93,7 @@ UPSTREAM_ERRORS = (
 #: ... and when it streams its answer.
 STREAMED_ERRORS = (*UPSTREAM_ERRORS, "upstream_first_token_timeout")
 
-_VALID_CORRELATION_ID = "^[A-Za-z0-9._:-]{1,128}$"
+_VALID_CORRELATION_ID = f"^{CORRELATION_ID_PATTERN}$"
 HEADERS = {
     CORRELATION_HEADER: {
         "description": "The request's correlation ID: the caller's when valid, "

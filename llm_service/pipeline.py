@@ -16,7 +16,10 @@ access_log = logging.getLogger("llm_service.access")
 CORRELATION_HEADER = "X-Correlation-ID"
 UPSTREAM_HOST_HEADER = "X-Upstream-Host"
 _INCOMING_HEADERS = (CORRELATION_HEADER, "X-Request-ID")
-_VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: A caller's correlation ID is kept when it matches this (also the API
+#: document's pattern for the header, see openapi.py).
+CORRELATION_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+_VALID_CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN)
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
