@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import click
 from flask import Flask
@@ -88,20 +89,24 @@ def check(generate: bool) -> None:
     OpenAI-compatible server, rate limited, no model, a loop...) with the advice
     that ``make run``, ``/health`` and the API's errors give for it.
     """
+    upstream = get_upstream()
+    steps = _Steps()
     with _quiet_logs():
-        steps = _diagnose(generate)
+        for host in upstream.hosts:
+            if upstream.several:
+                click.echo(f"host {host.name}:")
+            _diagnose(host.client, steps, generate)
     if steps.failed:
         raise SystemExit(1)
     click.echo("All checks passed.")
 
 
-def _diagnose(generate: bool) -> _Steps:
-    upstream = get_upstream()
-    steps = _Steps()
-    url = redact_url(upstream.base_url)
+def _diagnose(client: Any, steps: _Steps, generate: bool) -> None:
+    """Check one host (its client) step by step; failures are noted in ``steps``."""
+    url = redact_url(client.base_url)
 
     started = time.perf_counter()
-    report = upstream.probe()
+    report = client.probe()
     elapsed_ms = (time.perf_counter() - started) * 1000
     if not report.reachable:
         cause = report.cause or "unreachable"
@@ -109,14 +114,14 @@ def _diagnose(generate: bool) -> _Steps:
         if step != "connect":
             steps.ok("connect", f"{url} answers")
         steps.fail(step, f"{url}: {report.error}", _advice(report))
-        return steps
+        return
     if report.busy:
         steps.ok("connect", f"{url} is busy generating (it answers between requests)")
-        return steps
+        return
     steps.ok("connect", f"{url} answered /v1/models in {elapsed_ms:.1f} ms")
     steps.ok(
         "auth",
-        "accepted" if upstream.sends_token else "no token needed",
+        "accepted" if client.sends_token else "no token needed",
     )
 
     if report.chained:
@@ -140,7 +145,7 @@ def _diagnose(generate: bool) -> _Steps:
     if generate and models:
         model = (report.servable_models or models)[0]
         try:
-            result = upstream.chat_completion(
+            result = client.chat_completion(
                 {
                     "model": model,
                     "messages": [{"role": "user", "content": "Say OK."}],
@@ -152,7 +157,6 @@ def _diagnose(generate: bool) -> _Steps:
             steps.fail("generate", explain(err), cause_of(err).advice)
         else:
             steps.ok("generate", f"{result.model} answered ({result.finish_reason})")
-    return steps
 
 
 def init_app(app: Flask) -> None:

@@ -170,3 +170,24 @@ def test_check_output_has_no_log_lines(capsys, runner, upstream):
     assert printed.strip()
     assert not any(line.startswith("{") for line in printed.splitlines())
     assert "retrying" not in printed
+
+
+def test_check_looks_at_every_host(app_factory, upstream):
+    import json
+
+    other = "http://second.test:8080"
+    hosts = [{"name": "first", "url": UPSTREAM}, {"name": "second", "url": other}]
+    app = app_factory(
+        UPSTREAMS=json.dumps(hosts), LM_STUDIO_URL=None, DISCOVERY_INTERVAL_SECONDS=0
+    )
+    upstream.get(MODELS, json={"data": [{"id": "qwen"}]})
+    upstream.get(f"{UPSTREAM}/lmstudio-greeting", json={"lmstudio": True})
+    upstream.get(f"{UPSTREAM}/api/v0/models", json={"data": []})
+    upstream.get(f"{other}/v1/models", body=requests.ConnectionError("refused"))
+    result = app.test_cli_runner().invoke(args=["lmstudio", "check"])
+    assert result.exit_code == 1
+    first, second = result.output.split("host second:")
+    assert first.startswith("host first:")
+    assert "[ok]   connect" in first
+    assert "[FAIL] connect" in second
+    assert "second.test" in second
