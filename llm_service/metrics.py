@@ -17,8 +17,11 @@ raw path; ``unmatched`` for 404s), status classes (``2xx``), upstream causes
 (:mod:`.lmstudio.diagnosis`), error codes, host names, and models the upstream
 lists (any other name is ``other``).
 
-Hooks for the parts that come later (several hosts, the admission queue, API
-keys, usage records) -- they use these without touching this module's code:
+The other parts are fed without importing this module: :func:`init_app` gives
+each host's client its :class:`UpstreamObserver`, and sets the admission
+queue's, the upstream pool's and the usage log's ``on_*`` callbacks (queue
+depth and wait, failovers, usage buffer); a scrape of ``/metrics`` sets the
+host gauges (:func:`refresh_upstream_state`). What other parts may use:
 
 - ``metric(name)`` returns the metric of that name in :data:`SPECS`
   (``metric("queue_depth").labels(host="a").inc()``), created on first use;
@@ -102,8 +105,6 @@ class Spec:
     #: For gauges under several workers: livesum, max, mostrecent...
     mode: str = "livesum"
     buckets: tuple[float, ...] = LATENCY_BUCKETS
-    #: True while nothing in the service feeds it yet (it is reserved).
-    planned: bool = False
 
 
 SPECS: dict[str, Spec] = {

@@ -187,7 +187,8 @@ class Watchdog:
         heapq.heapify(self._heap)
 
     def pending(self) -> int:
-        """Entries waiting (finished calls are dropped as the clock passes them)."""
+        """Entries waiting (finished calls are dropped when the clock passes them
+        or when the heap is compacted, see :meth:`_compact`)."""
         with self._cond:
             return len(self._heap)
 

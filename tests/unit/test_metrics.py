@@ -239,7 +239,7 @@ def test_loopback_metrics_addresses_are_accepted(app_factory, bind):
     assert app_factory(METRICS_BIND=bind).config["METRICS_BIND"] == bind
 
 
-def test_planned_metrics_are_created_on_first_use():
+def test_metrics_are_created_on_first_use():
     depth = metrics.metric("queue_depth")
     assert depth is metrics.metric("queue_depth")
     depth.labels(host="a").inc()
