@@ -568,6 +568,8 @@ def versions(gateway_dir: Path, litellm_version: str | None) -> dict:
         "urllib3": sysinfo.package_version("urllib3"),
         "flask-limiter": sysinfo.package_version("flask-limiter"),
         "marshmallow": sysinfo.package_version("marshmallow"),
+        "redis": sysinfo.package_version("redis"),
+        "hiredis": sysinfo.package_version("hiredis"),
         "nginx": nginx_version(),
         "wrk": wrk_version(),
         "litellm": litellm_version,
