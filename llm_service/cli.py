@@ -42,19 +42,30 @@ def _advice(report: HealthReport) -> str:
 
 @lmstudio.command("ping")
 def ping() -> None:
-    """Probe the upstream once: URL, latency and model count."""
-    with _quiet_logs():
-        report = get_upstream().probe()
-    url = redact_url(report.url)
-    if not report.reachable:
-        click.echo(f"FAIL {url}: {report.error}", err=True)
-        if _advice(report):
-            click.echo(f"  -> {_advice(report)}", err=True)
+    """Probe each upstream host once: URL, latency and model count.
+
+    Exits non-zero when any host does not answer; with several hosts each line
+    starts with the host's name.
+    """
+    upstream = get_upstream()
+    failed = False
+    for host in upstream.hosts:
+        name = f"{host.name}: " if upstream.several else ""
+        with _quiet_logs():
+            report = host.client.probe()
+        url = redact_url(report.url)
+        if not report.reachable:
+            failed = True
+            click.echo(f"FAIL {name}{url}: {report.error}", err=True)
+            if _advice(report):
+                click.echo(f"  -> {_advice(report)}", err=True)
+            continue
+        click.echo(
+            f"OK {name}{url} ({report.server}) in {report.latency_ms:.1f} ms, "
+            f"{len(report.models)} model(s)"
+        )
+    if failed:
         raise SystemExit(1)
-    click.echo(
-        f"OK {url} ({report.server}) in {report.latency_ms:.1f} ms, "
-        f"{len(report.models)} model(s)"
-    )
 
 
 class _Steps:

@@ -2,10 +2,11 @@
 
 Before anything starts, the gateway's own port must be free (else: which
 process holds it) and the upstream URL must not be the gateway's own address.
-Then the upstream is probed and its state named with the same causes as
-``/health`` and ``flask lmstudio check``. Only when *nothing listens* at a
+Then each upstream host is probed and its state named with the same causes
+as ``/health`` and ``flask lmstudio check``. Only when *nothing listens* at a
 loopback upstream URL (and ``LLM_SERVICE_LOCAL_BACKEND`` is not ``off``) is the
-bundled llama.cpp server (Gemma 3 270M) installed if needed and started there,
+bundled llama.cpp server (Gemma 3 270M) installed if needed and started there
+(with one host only: with several, each host's state is said and nothing starts),
 and stopped again when the gateway stops: a server that answers "token needed"
 or "not found" is a misconfiguration to report, not a reason to start another.
 Production (gunicorn with gunicorn.conf.py) never does this: only this script.
@@ -108,13 +109,31 @@ def describe_upstream(report: HealthReport) -> str:
     return f"the model server at {url} cannot be used: {report.error}.{advice}"
 
 
+def describe_hosts(reports: list[tuple[str, HealthReport]]) -> bool:
+    """Say what each of several hosts answered; True when one is the bundled model."""
+    bundled = False
+    for name, report in reports:
+        if report.reachable:
+            say(f"host {name}: using the model server at {redact_url(report.url)}")
+            bundled = bundled or backend.MODEL_ALIAS in report.models
+            if report.chained:
+                chained = CAUSES["chained"]
+                say(f"host {name}: warning: {chained.summary} -> {chained.advice}")
+        else:
+            say(f"host {name}: {describe_upstream(report)}")
+    if not any(report.reachable for _, report in reports):
+        say("the gateway starts anyway; /health says what is wrong until it is fixed")
+    return bundled
+
+
 def main() -> int:
     load_dotenv(os.environ.get("LLM_SERVICE_ENV_FILE") or ROOT / ".env")
     bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
     try:
         app = create_app()
         config = app.config
-        check_not_self(config["LM_STUDIO_BASE_URL"], bind)
+        for host in config["UPSTREAM_HOSTS"]:
+            check_not_self(host["url"], bind)
         start_bundled = backend.LOCAL_BACKEND.read()
     except (ConfigError, backend.SettingError) as err:
         fail(f"configuration error: {err}")
@@ -134,10 +153,15 @@ def main() -> int:
     # The probe's own retries and warnings are not news here: its verdict is.
     logging.getLogger(ROOT_LOGGER).setLevel(logging.CRITICAL + 1)
     with app.app_context():
-        report = get_upstream().probe()
+        upstream = get_upstream()
+        reports = [(host.name, host.client.probe()) for host in upstream.hosts]
     server = None
     bundled = False
-    if report.reachable:
+    report = reports[0][1]
+    if len(reports) > 1:
+        # Several hosts: each is named; the bundled server is for one host only.
+        bundled = describe_hosts(reports)
+    elif report.reachable:
         say(f"using the model server at {shown}")
         bundled = backend.MODEL_ALIAS in report.models
         if report.chained:

@@ -335,10 +335,6 @@ class Upstream:
 
     # -- health --------------------------------------------------------------
 
-    def probe(self) -> HealthReport:
-        """Probe the first host now, bypassing the cache (the CLI, ``make run``)."""
-        return self.hosts[0].client.probe()
-
     def start_discovery(self) -> None:
         """Start this process's discovery thread if there is one to run."""
         if self.discovery is not None:

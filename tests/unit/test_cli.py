@@ -191,3 +191,21 @@ def test_check_looks_at_every_host(app_factory, upstream):
     assert "[ok]   connect" in first
     assert "[FAIL] connect" in second
     assert "second.test" in second
+
+
+def test_ping_probes_every_host(app_factory, upstream):
+    import json
+
+    other = "http://second.test:8080"
+    hosts = [{"name": "first", "url": UPSTREAM}, {"name": "second", "url": other}]
+    app = app_factory(
+        UPSTREAMS=json.dumps(hosts), LM_STUDIO_URL=None, DISCOVERY_INTERVAL_SECONDS=0
+    )
+    upstream.get(MODELS, json={"data": [{"id": "qwen"}]})
+    upstream.get(f"{UPSTREAM}/lmstudio-greeting", json={"lmstudio": True})
+    upstream.get(f"{UPSTREAM}/api/v0/models", json={"data": []})
+    upstream.get(f"{other}/v1/models", body=requests.ConnectionError("refused"))
+    result = app.test_cli_runner().invoke(args=["lmstudio", "ping"])
+    assert result.exit_code == 1
+    assert f"OK first: {UPSTREAM}" in result.output
+    assert "FAIL second: http://second.test:8080" in result.output

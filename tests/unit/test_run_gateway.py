@@ -116,3 +116,37 @@ def test_a_bad_local_backend_value_is_a_config_error(run_gateway, monkeypatch, c
     _, err = capsys.readouterr()
     assert "LLM_SERVICE_LOCAL_BACKEND" in err
     assert run_gateway.gunicorn_started == []
+
+
+def test_every_host_is_probed_and_named(run_gateway, monkeypatch, capsys):
+    import json
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with FakeLMStudio() as lmstudio:
+        hosts = [
+            {"name": "first", "url": lmstudio.url},
+            {"name": "second", "url": nobody},
+        ]
+        monkeypatch.setenv("LLM_SERVICE_UPSTREAMS", json.dumps(hosts))
+        monkeypatch.delenv("LLM_SERVICE_LM_STUDIO_URL", raising=False)
+        assert run_gateway.main() == 0
+    out, _ = capsys.readouterr()
+    assert f"host first: using the model server at {lmstudio.url}" in out
+    assert f"host second: the model server at {nobody} cannot be used" in out
+    assert len(run_gateway.gunicorn_started) == 1  # no bundled server either
+
+
+def test_no_host_may_be_the_gateway_itself(run_gateway, monkeypatch, capsys):
+    import json
+
+    port = free_port()
+    monkeypatch.setenv("GUNICORN_BIND", f"127.0.0.1:{port}")
+    hosts = [
+        {"name": "first", "url": f"http://127.0.0.1:{free_port()}"},
+        {"name": "second", "url": f"http://localhost:{port}"},
+    ]
+    monkeypatch.setenv("LLM_SERVICE_UPSTREAMS", json.dumps(hosts))
+    monkeypatch.delenv("LLM_SERVICE_LM_STUDIO_URL", raising=False)
+    assert run_gateway.main() == run_gateway.EXIT_CONFIG
+    _, err = capsys.readouterr()
+    assert "own address" in err
