@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc"
 )
 
-REQUEST = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+REQUEST = b"GET /health/live HTTP/1.1\r\nHost: x\r\n%s\r\n"
 
 
 def children(pid: int) -> list[int]:
@@ -92,7 +92,7 @@ def two_workers(fake):
         yield server, workers
 
 
-def burst(port: int, count: int) -> list[socket.socket]:
+def burst(port: int, count: int, headers: bytes = b"") -> list[socket.socket]:
     """Open ``count`` connections at once (as wrk or a pool does), then use each."""
     socks = []
     for _ in range(count):
@@ -102,7 +102,7 @@ def burst(port: int, count: int) -> list[socket.socket]:
         socks.append(sock)
     for sock in socks:
         sock.settimeout(10)
-        sock.sendall(REQUEST)
+        sock.sendall(REQUEST % headers)
     for sock in socks:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
     return socks
@@ -139,3 +139,15 @@ def test_a_stalled_worker_does_not_hold_up_accepting(two_workers):
         sock.close()
     assert spread == [16, 0]
     assert elapsed < 1.0, elapsed
+
+
+def test_no_connection_is_lost_while_workers_restart(fake):
+    """Workers restarting (max_requests) free their slots and drop nothing."""
+    settings = {"LM_STUDIO_URL": fake.url, **FAST_FAILURE}
+    gunicorn = {"workers": 2, "cmd_args": "--max-requests 12"}
+    with GatewayServer(settings, **gunicorn) as server:
+        for _ in range(12):
+            for sock in burst(server.port, 16, b"Connection: close\r\n"):
+                sock.close()  # each was answered 200 (burst checks)
+        restarts = server.logs().count("Autorestarting worker")
+    assert restarts >= 8
