@@ -13,11 +13,14 @@ is readable, a worker holding ``SLACK`` connections or more than the least
 loaded live other worker *defers*: it stops listening for a moment, so the
 other, woken by the same connection, takes it. It looks again every
 ``QUANTUM`` and listens again as soon as it is no longer ahead. A worker that
-is stalled (stopped, dead but not reaped yet, its loop starved of the GIL)
-cannot hold accepting up: after ``BOUND`` (20 ms) the deferring worker
-accepts what is waiting whoever is ahead, and a worker whose heartbeat is
-older than ``STALE`` is not waited for at all. With one worker (or
-``reuse_port``) nothing of this runs.
+is stalled (stopped, dead but not reaped yet, its loop starved of the GIL or
+of the CPU) cannot hold accepting up: after ``BOUND`` (10 ms) the deferring
+worker accepts anyway, ``SLACK`` connections the first time and four times as
+many each time in a row the others still have not caught up (2, 8, 32, 128:
+full speed within 40 ms), so a sibling that was only slow to run costs a few
+connections of spread, and one that is stuck costs new connections at most
+tens of milliseconds. A worker whose heartbeat is older than ``STALE`` is not
+waited for at all. With one worker (or ``reuse_port``) nothing of this runs.
 
 Races. Workers read and write the table without locks, so a read may see a
 count a moment old or a slot half written. That only makes one spread less
@@ -48,12 +51,16 @@ from typing import Any
 SLACK = 2
 #: How often a deferring worker looks again whether it is still ahead (s).
 QUANTUM = 0.001
-#: The longest a worker defers before it accepts what is waiting anyway (s).
-#: Four of CPython's GIL switch intervals (5 ms): a healthy worker whose
-#: request threads hold the GIL turns its loop only every 5 to 15 ms, and a
-#: shorter bound took such a worker for a stalled one (measured: with 5 ms a
-#: burst of 64 split 46/18 as often as not; with 20 ms, 31/33 or better).
-BOUND = 0.02
+#: The longest a worker defers before it accepts anyway (s). Two of CPython's
+#: GIL switch intervals (5 ms): a healthy worker whose request threads hold
+#: the GIL turns its loop only every 5 to 15 ms, and 5 ms took such a worker
+#: for a stalled one (measured: a burst of 64 then split 46/18 as often as
+#: not). The allowance that follows grows when the bound runs out again, so a
+#: sibling slow to be scheduled on a busy machine costs little either.
+BOUND = 0.01
+#: Each time in a row a deferral runs out, the allowance is this many times
+#: the last (``SLACK`` the first time).
+GROWTH = 4
 #: A worker whose heartbeat is older than this is not waited for (s). An idle
 #: worker beats at least once a second (gthread's loop wakes every second).
 STALE = 2.0
@@ -153,8 +160,11 @@ class Balancer:
         self.clock = clock
         #: When the current deferral began; None when not deferring.
         self.since: float | None = None
-        #: Until when (a deferral having run out) a wake-up accepts regardless.
+        #: Until when (a deferral having run out) a wake-up accepts regardless,
+        #: and how many connections; deferrals run out in a row.
         self.forced_until = 0.0
+        self.allowance = 0
+        self.streak = 0
 
     @property
     def deferring(self) -> bool:
@@ -167,13 +177,13 @@ class Balancer:
         """No longer accepting (stopping): others stop waiting for this worker."""
         self.table.write(self.slot, 0.0, 0)
 
-    def take_forced(self) -> bool:
-        """Whether this wake-up accepts without asking.
+    def take_forced(self) -> int:
+        """How many connections this wake-up accepts without asking.
 
-        Once, right after a deferral ran out: what waits then has waited
-        ``BOUND`` for the others. A connection that comes later is asked for.
+        Right after a deferral ran out (what waits then has waited ``BOUND``
+        for the others), once; else 0: a connection that comes later is asked for.
         """
-        forced = self.clock() < self.forced_until
+        forced = self.allowance if self.clock() < self.forced_until else 0
         self.forced_until = 0.0
         return forced
 
@@ -181,6 +191,7 @@ class Balancer:
         """Before an accept: whether to stop listening and let another take it."""
         now = self.clock()
         if not ahead(conns, self.slot, self.table.read(), now):
+            self.streak = 0
             return False
         if self.since is None:
             self.since = now
@@ -194,7 +205,11 @@ class Balancer:
             if now - self.since < BOUND:
                 return False
             # Still ahead after BOUND: the others are stalled (or nothing came).
+            self.streak = min(self.streak + 1, 8)
+            self.allowance = SLACK * GROWTH ** (self.streak - 1)
             self.forced_until = now + BOUND
+        else:
+            self.streak = 0
         self.since = None
         return True
 

@@ -179,13 +179,16 @@ class Worker(gthread.ThreadWorker):
         if not self._accepting:
             return  # an event of this same wait, from before listening stopped
         balancer = self.balancer
-        asks = balancer is not None and not balancer.take_forced()
+        forced = 0 if balancer is None else balancer.take_forced()
         for _ in range(ACCEPTS_PER_EVENT):
             if self.nr_conns >= self.worker_connections:
                 return
-            if asks and balancer.defer(self.nr_conns):
-                self.set_accept_enabled(False)
-                return
+            if balancer is not None:
+                if forced:
+                    forced -= 1
+                elif balancer.defer(self.nr_conns):
+                    self.set_accept_enabled(False)
+                    return
             try:
                 sock, addr = listener.accept()
             except OSError as err:

@@ -14,7 +14,16 @@ import pytest
 from gunicorn.config import Config
 
 from llm_service import balance
-from llm_service.balance import BOUND, QUANTUM, SLACK, STALE, Balancer, Table, ahead
+from llm_service.balance import (
+    BOUND,
+    GROWTH,
+    QUANTUM,
+    SLACK,
+    STALE,
+    Balancer,
+    Table,
+    ahead,
+)
 from llm_service.server import Worker
 
 NOW = 1000.0
@@ -80,8 +89,30 @@ def test_a_deferral_ends_after_the_bound_and_the_next_wake_accepts_regardless(pa
     clock.now = NOW + BOUND + 1e-9
     assert me.may_listen(SLACK)
     assert not me.deferring
-    assert me.take_forced()
-    assert not me.take_forced()  # once
+    assert me.take_forced() == SLACK
+    assert me.take_forced() == 0  # once
+
+
+def test_the_allowance_grows_while_the_sibling_stays_behind(pair):
+    """A stuck sibling slows new connections down for tens of ms at most."""
+    me, sibling, clock = pair
+    conns = SLACK
+    allowances = []
+    for _ in range(4):
+        assert me.defer(conns)
+        clock.now += BOUND + 1e-9
+        sibling.publish(0)
+        assert me.may_listen(conns)
+        allowances.append(me.take_forced())
+        conns += allowances[-1]
+    assert allowances == [SLACK * GROWTH**n for n in range(4)]
+    sibling.publish(conns - 1)  # caught up: the next deferral starts afresh
+    assert not me.defer(conns)
+    sibling.publish(0)
+    assert me.defer(conns)
+    clock.now += BOUND + 1e-9
+    assert me.may_listen(conns)
+    assert me.take_forced() == SLACK
 
 
 def test_a_forced_accept_lapses_when_nothing_was_waiting(pair):
@@ -90,7 +121,7 @@ def test_a_forced_accept_lapses_when_nothing_was_waiting(pair):
     clock.now += BOUND + 1e-9
     assert me.may_listen(SLACK)
     clock.now += BOUND + 1e-9
-    assert not me.take_forced()
+    assert me.take_forced() == 0
     assert me.defer(SLACK)  # a later connection is asked for again
 
 
@@ -101,7 +132,7 @@ def test_a_deferral_ends_as_soon_as_the_sibling_caught_up(pair):
     assert not me.may_listen(SLACK)
     sibling.publish(SLACK - 1)
     assert me.may_listen(SLACK)
-    assert not me.take_forced()
+    assert me.take_forced() == 0
 
 
 def test_a_sibling_that_stopped_or_stalled_is_not_waited_for(pair):
@@ -199,12 +230,13 @@ def test_a_worker_ahead_lets_its_sibling_accept_for_the_bound_at_most(
         worker.set_accept_enabled(True)  # gthread's loop asks on each turn
         assert not worker._accepting
         assert worker.balancer.timeout(1.0) == QUANTUM
-        time.sleep(BOUND)
-        table.write(sibling, time.monotonic(), 0)  # alive, but took nothing
-        worker.set_accept_enabled(True)
-        assert worker._accepting
-        worker.accept(listener)
-        assert worker.nr_conns == 5
+        for accepted in (2 * SLACK, 5):  # SLACK more, then GROWTH x SLACK more
+            time.sleep(BOUND)
+            table.write(sibling, time.monotonic(), 0)  # alive, but took nothing
+            worker.set_accept_enabled(True)
+            assert worker._accepting
+            worker.accept(listener)
+            assert worker.nr_conns == accepted
         assert table.read()[worker.balancer.slot][1] == 5  # published
     finally:
         close(worker)
