@@ -25,7 +25,7 @@ waited for at all. With one worker (or ``reuse_port``) nothing of this runs.
 Races. Workers read and write the table without locks, so a read may see a
 count a moment old or a slot half written. That only makes one spread less
 even; it never loses a connection (only the worker that accepts it touches it)
-and never keeps a worker from accepting for longer than ``BOUND``.
+and never keeps a worker from accepting for longer than ``BOUND`` at a time.
 
 Why not ``SO_REUSEPORT`` (gunicorn's ``reuse_port``: a listening socket per
 worker, the kernel spreading connections over them). The kernel spreads by a
@@ -133,6 +133,7 @@ class Table:
                 return index
         return None
 
+    # No lock between processes: a torn or late read only skews one spread.
     def write(self, index: int, beat: float, conns: int) -> None:
         _SLOT.pack_into(self.memory, _HEADER.size + index * _SLOT.size, beat, conns)
 

@@ -32,8 +32,8 @@ behind the TLS-terminating proxy in front of it; TLS or HTTP/2 settings make
 the worker refuse to start rather than run without the deadline.
 
 Several workers share the listening socket; :mod:`llm_service.balance` keeps
-a burst of connections from landing on one of them (a worker well ahead of
-another lets it accept, for a few milliseconds at most).
+a burst of connections from landing on one of them (a worker ahead of a
+live sibling lets it accept, 10 ms at a time at most).
 
 Shutdown (SIGTERM). The worker stops listening at once (its copy of the
 listening socket is closed; the arbiter has closed its own, so new connections
