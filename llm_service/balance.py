@@ -15,9 +15,9 @@ other, woken by the same connection, takes it. It looks again every
 ``QUANTUM`` and listens again as soon as it is no longer ahead. A worker that
 is stalled (stopped, dead but not reaped yet, its loop starved of the GIL or
 of the CPU) cannot hold accepting up: after ``BOUND`` (10 ms) the deferring
-worker accepts anyway, ``SLACK`` connections the first time and four times as
-many each time in a row the others still have not caught up (2, 8, 32, 128:
-full speed within 40 ms), so a sibling that was only slow to run costs a few
+worker accepts anyway, ``SLACK`` connections the first time and twice as
+many each time in a row the others still have not caught up (2, 4, 8 ... 64:
+full speed within 60 ms), so a sibling that was only slow to run costs a few
 connections of spread, and one that is stuck costs new connections at most
 tens of milliseconds. A worker whose heartbeat is older than ``STALE`` is not
 waited for at all. With one worker (or ``reuse_port``) nothing of this runs.
@@ -60,7 +60,7 @@ QUANTUM = 0.001
 BOUND = 0.01
 #: Each time in a row a deferral runs out, the allowance is this many times
 #: the last (``SLACK`` the first time).
-GROWTH = 4
+GROWTH = 2
 #: A worker whose heartbeat is older than this is not waited for (s). An idle
 #: worker beats at least once a second (gthread's loop wakes every second).
 STALE = 2.0
