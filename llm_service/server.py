@@ -31,6 +31,10 @@ and its shutdown. It serves plain HTTP/1.x, which is what the gateway speaks
 behind the TLS-terminating proxy in front of it; TLS or HTTP/2 settings make
 the worker refuse to start rather than run without the deadline.
 
+Several workers share the listening socket; :mod:`llm_service.balance` keeps
+a burst of connections from landing on one of them (a worker ahead of a
+live sibling lets it accept, 10 ms at a time at most).
+
 Shutdown (SIGTERM). The worker stops listening at once (its copy of the
 listening socket is closed; the arbiter has closed its own, so new connections
 are refused instead of waiting in the backlog), and tells
@@ -66,7 +70,7 @@ from gunicorn.http.message import (
 )
 from gunicorn.workers import gthread
 
-from . import lifecycle
+from . import balance, lifecycle
 from .config import server_settings
 from .lifecycle import drain
 
@@ -154,6 +158,8 @@ class Worker(gthread.ThreadWorker):
         # gunicorn's own bound on a head: the request line, then its header
         # buffer (Message.max_buffer_headers).
         self.head_limit = self.line_limit + 4 + fields * (field_size + 2) + 4
+        # In the arbiter, before the fork: this worker's slot among its siblings.
+        self.balancer = balance.for_worker(self)
 
     def init_process(self) -> None:
         if self.cfg.is_ssl or self.cfg.http2_cleartext in ("prior-knowledge", "both"):
@@ -170,9 +176,19 @@ class Worker(gthread.ThreadWorker):
     # Accepting and gathering heads (main thread) -----------------------------
 
     def accept(self, listener: Any) -> None:
+        if not self._accepting:
+            return  # an event of this same wait, from before listening stopped
+        balancer = self.balancer
+        forced = 0 if balancer is None else balancer.take_forced()
         for _ in range(ACCEPTS_PER_EVENT):
             if self.nr_conns >= self.worker_connections:
                 return
+            if balancer is not None:
+                if forced:
+                    forced -= 1
+                elif balancer.defer(self.nr_conns):
+                    self.set_accept_enabled(False)
+                    return
             try:
                 sock, addr = listener.accept()
             except OSError as err:
@@ -180,8 +196,25 @@ class Worker(gthread.ThreadWorker):
                     return
                 raise
             self.nr_conns += 1
+            if balancer is not None:
+                balancer.publish(self.nr_conns)
             conn = Connection(self.cfg, sock, addr, listener.getsockname())
             self._gather(conn)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """As gthread, but a deferring worker listens again only when it may.
+
+        gthread's loop asks to listen on each turn while it is not listening.
+        """
+        balancer = self.balancer
+        if (
+            enabled
+            and balancer is not None
+            and balancer.deferring
+            and not balancer.may_listen(self.nr_conns)
+        ):
+            return
+        super().set_accept_enabled(enabled)
 
     def on_client_socket_readable(self, conn: Connection, client: Any) -> None:
         """A kept-alive connection sends its next request: gather its head."""
@@ -283,6 +316,14 @@ class Worker(gthread.ThreadWorker):
         if self.gathering:
             first = next(iter(self.gathering)).head_deadline
             timeout = min(timeout, max(0.0, first - time.monotonic()) + 0.005)
+        if self.balancer is not None:
+            # Before waiting, so siblings see this worker's count and that it
+            # is alive; a stopping worker listens no more: none waits for it.
+            if self.alive:
+                self.balancer.publish(self.nr_conns)
+                timeout = self.balancer.timeout(timeout)
+            else:
+                self.balancer.leave()
         super().wait_for_and_dispatch_events(timeout)
 
     def finish_request(self, conn: Connection, fs: Any) -> None:
