@@ -31,6 +31,12 @@ and its shutdown. It serves plain HTTP/1.x, which is what the gateway speaks
 behind the TLS-terminating proxy in front of it; TLS or HTTP/2 settings make
 the worker refuse to start rather than run without the deadline.
 
+A connection that ends after its answer (``Connection: close``) is closed as
+RFC 9112 9.6 asks (FIN, then the client's unread bytes drained so the answer
+is not cut by a reset), but on the loop, non-blocking and bounded: gthread
+waits for it on the loop's thread, up to 2 s per connection, so clients that
+keep such sockets open stalled every other connection of the worker.
+
 Several workers share the listening socket; :mod:`llm_service.balance` keeps
 a burst of connections from landing on one of them (a worker ahead of a
 live sibling lets it accept, 10 ms at a time at most).
@@ -85,6 +91,14 @@ ROOM_TO_MAKE = 32
 UNLIMITED_LINE = 1024 * 1024
 #: Accepts per wake-up of the listening socket (gthread's own accepts one).
 ACCEPTS_PER_EVENT = 64
+#: A connection closed after its answer (``Connection: close``) is half-closed
+#: and its unread bytes drained (RFC 9112 9.6: so the kernel does not reset
+#: the connection before the client has read the answer) for this long at
+#: most, or until this many bytes, on the loop, without blocking it.
+LINGER_SECONDS = 2.0
+LINGER_MAX_DRAIN = 65536
+#: Connections lingering at once at most; past it the oldest is closed at once.
+MAX_LINGERING = 1024
 
 _HEAD_END = b"\r\n\r\n"
 #: A line feed without its carriage return: gunicorn refuses it, so such a head
@@ -134,6 +148,23 @@ class Connection(gthread.TConn):
         self.head = bytearray()
         self.scanned = 0  # bytes of ``head`` already searched for its end
         self.head_deadline = 0.0
+        #: The worker's non-blocking linger; ``None``: close as gthread does.
+        self.linger: Any = None
+        self.linger_deadline = 0.0
+        self.drained = 0
+
+    def close(self, graceful: bool = False) -> None:
+        """As gthread, but a graceful close lingers on the worker's loop.
+
+        gthread's graceful close (``util.close_graceful``) runs on the loop's
+        thread and waits there up to 2 s for the client to close: each client
+        that asks ``Connection: close`` and keeps its socket open stalled every
+        other connection of the worker (accepts, heads, keep-alive) that long.
+        """
+        if graceful and self.linger is not None:
+            self.linger(self)
+        else:
+            super().close(graceful)
 
 
 class Worker(gthread.ThreadWorker):
@@ -144,6 +175,8 @@ class Worker(gthread.ThreadWorker):
         self.header_timeout = 10.0
         #: Connections whose head is being gathered, oldest deadline first.
         self.gathering: OrderedDict[Connection, None] = OrderedDict()
+        #: Half-closed connections being drained, oldest deadline first.
+        self.lingering: OrderedDict[Connection, None] = OrderedDict()
         self.gathered_bytes = 0
         line = self.cfg.limit_request_line
         if line < 0 or line >= MAX_REQUEST_LINE:
@@ -199,6 +232,7 @@ class Worker(gthread.ThreadWorker):
             if balancer is not None:
                 balancer.publish(self.nr_conns)
             conn = Connection(self.cfg, sock, addr, listener.getsockname())
+            conn.linger = self._linger
             self._gather(conn)
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -289,8 +323,47 @@ class Worker(gthread.ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
+    # Closing after an answer (main thread) ------------------------------------
+
+    def _linger(self, conn: Connection) -> None:
+        """Send FIN now; drain what the client still sends until it closes.
+
+        Called by gthread (on the loop) for a connection that ends after its
+        answer. Never blocks: the draining is the loop's, bounded by
+        ``LINGER_SECONDS``, ``LINGER_MAX_DRAIN`` and ``MAX_LINGERING``.
+        """
+        sock = conn.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        if len(self.lingering) >= MAX_LINGERING:
+            self._end_linger(next(iter(self.lingering)))
+        sock.setblocking(False)
+        conn.linger_deadline = time.monotonic() + LINGER_SECONDS
+        conn.drained = 0
+        self.lingering[conn] = None
+        self.poller.register(sock, selectors.EVENT_READ, partial(self._drain, conn))
+
+    def _drain(self, conn: Connection, _client: Any) -> None:
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained >= LINGER_MAX_DRAIN:
+            self._end_linger(conn)
+
+    def _end_linger(self, conn: Connection) -> None:
+        self.poller.unregister(conn.sock)
+        del self.lingering[conn]
+        conn.sock.close()
+
     def murder_pending(self) -> None:
-        """Close connections past their head deadline; make room when full."""
+        """Close connections past their head or linger deadline; make room."""
         super().murder_pending()
         now = time.monotonic()
         while self.gathering:
@@ -298,6 +371,11 @@ class Worker(gthread.ThreadWorker):
             if conn.head_deadline > now:
                 break
             self._drop(conn)
+        while self.lingering:
+            conn = next(iter(self.lingering))
+            if conn.linger_deadline > now:
+                break
+            self._end_linger(conn)
         if self.alive and self.nr_conns >= self.worker_connections:
             self._make_room()
 
@@ -315,6 +393,9 @@ class Worker(gthread.ThreadWorker):
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         if self.gathering:
             first = next(iter(self.gathering)).head_deadline
+            timeout = min(timeout, max(0.0, first - time.monotonic()) + 0.005)
+        if self.lingering:
+            first = next(iter(self.lingering)).linger_deadline
             timeout = min(timeout, max(0.0, first - time.monotonic()) + 0.005)
         if self.balancer is not None:
             # Before waiting, so siblings see this worker's count and that it

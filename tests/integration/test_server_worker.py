@@ -21,6 +21,7 @@ import time
 import pytest
 import requests
 
+from llm_service import server
 from tests.integration.conftest import FAST_FAILURE
 from tests.servers import ROOT, GatewayServer
 from tests.support.sse import read_until_closed
@@ -187,6 +188,55 @@ def test_pipelined_and_kept_alive_requests_are_served(slow_gateway):
     with requests.Session() as session:
         for _ in range(3):
             assert session.get(f"{slow_gateway.url}/health/live", timeout=5).ok
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def _reset_when_written(sock: socket.socket) -> bool:
+    """Whether bytes sent on ``sock`` are answered with a reset (peer gone)."""
+    try:
+        sock.sendall(b"x")
+        time.sleep(0.2)
+        sock.sendall(b"x")
+        sock.recv(1)
+    except ConnectionResetError:
+        return True
+    except BrokenPipeError:
+        return True
+    return False
+
+
+def test_clients_that_keep_closed_connections_open_stall_nobody(slow_gateway):
+    """``Connection: close`` answered, the client keeps its socket: others go on.
+
+    gthread lingers on such a socket (RFC 9112 9.6) on the worker's loop, up to
+    2 s each: three of them held every other client ~6 s.
+    """
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    held = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", slow_gateway.port), timeout=10)
+        sock.sendall(request)
+        held.append(sock)
+    try:
+        for sock in held:
+            # The answer, then the server's FIN (the socket is not reset).
+            assert _read_to_eof(sock).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert requests.get(f"{slow_gateway.url}/health/live", timeout=10).ok
+        assert time.monotonic() - started < 1.0
+        # The lingering ends by its bound: then the server's side is gone, and
+        # bytes sent to it are answered with a reset.
+        time.sleep(server.LINGER_SECONDS + 1.0)
+        assert all(_reset_when_written(sock) for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_server_settings_come_from_the_env_file(tmp_path):
