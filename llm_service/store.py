@@ -90,23 +90,36 @@ def init_app(app: Flask) -> None:
 
 
 def write(
-    client: Any, script: Any, keys: list[str], args: list[Any], done: Done
+    client: Any,
+    script: Any,
+    keys: list[str],
+    args: list[Any],
+    done: Done | None = None,
 ) -> None:
     """Run ``script`` (a registered Lua script) for its effect.
 
     Inside :func:`request_end` it is held until the block ends; otherwise it
-    runs now. Either way ``done`` hears how it went; nothing is raised.
+    runs now. ``done`` hears how it went; without one, a failure now raises
+    (a held write's is logged).
     """
     held = getattr(_local, "writes", None)
     if held is not None:
-        held.append((client, script, keys, args, done))
+        held.append((client, script, keys, args, done or _logged))
         return
     try:
         script(keys=keys, args=args)
     except Exception as err:  # the store's failure is the owner's to handle
+        if done is None:
+            raise
         done(err)
     else:
-        done(None)
+        if done is not None:
+            done(None)
+
+
+def _logged(error: Exception | None) -> None:
+    if error is not None:
+        log.warning("a write to the shared store failed: %s", type(error).__name__)
 
 
 def hold() -> None:

@@ -155,11 +155,13 @@ class RoundTrips:
         self.trips = 0
         self.connections = 0
         self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def count(self) -> tuple[int, int]:
         """``(round trips, connections)`` so far."""
@@ -167,24 +169,29 @@ class RoundTrips:
             return self.trips, self.connections
 
     def _accept(self) -> None:
-        while not self._stopped:
+        while True:
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), 10)
+            except OSError:
+                client.close()
+                continue
             server.settimeout(None)
             state = {"answered": True}
             with self._lock:
                 self.connections += 1
-            threading.Thread(
-                target=self._pump, args=(client, server, state, True), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(server, client, state, False), daemon=True
-            ).start()
+                self._sockets += [client, server]
+                for args in ((client, server, True), (server, client, False)):
+                    pump = threading.Thread(
+                        target=self._pump, args=(*args, state), daemon=True
+                    )
+                    self._threads.append(pump)
+                    pump.start()
 
-    def _pump(self, source, sink, state, from_client: bool) -> None:
+    def _pump(self, source, sink, from_client: bool, state) -> None:
         try:
             while data := source.recv(65536):
                 with self._lock:
@@ -198,10 +205,17 @@ class RoundTrips:
         except OSError:
             pass
         finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
+            source.close()
 
     def stop(self) -> None:
-        self._stopped = True
         self._listener.close()
+        self._accepting.join(10)
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(10)

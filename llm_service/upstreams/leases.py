@@ -156,7 +156,7 @@ class RedisSlots:
             self.held[lease.id] = host
         return lease
 
-    def release(self, lease: Lease, done: store.Done) -> None:
+    def release(self, lease: Lease, done: store.Done | None = None) -> None:
         """Give the lease back (with the request's other end-writes: :mod:`..store`)."""
         with self._lock:
             self.held.pop(lease.id, None)
