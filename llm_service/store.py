@@ -198,7 +198,6 @@ def _execute(
     group: list[tuple[Any, Any, list[str], list[Any], Done]],
 ) -> list[Exception | None]:
     """Run one client's writes in one round trip; each one's error or None."""
-    client = group[0][0]
     if len(group) == 1:
         _, script, keys, args, _ = group[0]
         try:
@@ -208,24 +207,43 @@ def _execute(
         return [None]
     import redis
 
-    # EVALSHA straight: a pipeline running Script objects first asks Redis
-    # whether they are loaded, one more trip each time.
-    pipe = client.pipeline(transaction=False)
-    for _, script, keys, args, _ in group:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-    try:
-        replies = pipe.execute(raise_on_error=False)
-    except Exception as err:  # the connection: every write failed
-        return [err] * len(group)
+    # The commands written at once on one pooled connection, then each reply
+    # read: a pipeline's round trip without redis-py's Pipeline, which costs
+    # as much CPU again, and asks first whether Script objects are loaded.
+    pool = group[0][0].connection_pool
     errors: list[Exception | None] = []
-    for (_, script, keys, args, _), reply in zip(group, replies, strict=True):
-        if isinstance(reply, redis.exceptions.NoScriptError):
+    try:
+        connection = pool.get_connection()
+    except Exception as err:  # the store is unreachable: every write failed
+        return [err] * len(group)
+    try:
+        connection.send_packed_command(
+            connection.pack_commands(
+                [
+                    ("EVALSHA", script.sha, len(keys), *keys, *args)
+                    for _, script, keys, args, _ in group
+                ]
+            )
+        )
+        for _ in group:
+            try:
+                connection.read_response()
+            except redis.ResponseError as err:  # this write's own failure
+                errors.append(err)
+            else:
+                errors.append(None)
+    except Exception as err:  # the connection: the writes not heard of failed
+        connection.disconnect()
+        errors += [err] * (len(group) - len(errors))
+    finally:
+        pool.release(connection)
+    for n, (_, script, keys, args, _) in enumerate(group):
+        if isinstance(errors[n], redis.exceptions.NoScriptError):
             # Redis restarted or flushed its scripts: the Script loads it.
             try:
                 script(keys=keys, args=args)
             except Exception as err:
-                reply = err
+                errors[n] = err
             else:
-                reply = None
-        errors.append(reply if isinstance(reply, Exception) else None)
+                errors[n] = None
     return errors

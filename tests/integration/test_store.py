@@ -86,11 +86,14 @@ QUOTAS = ("--rpm", "100000", "--tpm", "100000000", "--concurrency", "10")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
-def test_a_keyed_request_costs_three_round_trips_on_one_connection(keyed, stream):
+def test_a_keyed_request_costs_three_round_trips_on_one_connection(
+    keyed, redis_server, stream
+):
     """Quota admission, slot lease, then the lease's release and the quota's
     settling together: three trips, over the one client's connection (plus
     the slot channel's subscription)."""
     start, relay = keyed
+    redis_url = redis_server.url
     gateway, headers = start(*QUOTAS)
     for _ in range(3):  # scripts loaded, connections made
         assert send(gateway, headers, stream).status_code == 200
@@ -100,6 +103,10 @@ def test_a_keyed_request_costs_three_round_trips_on_one_connection(keyed, stream
     assert [a.status_code for a in answers] == [200] * 10
     assert after - before == 3 * 10
     assert connections <= 2
+    # Redis forgot its scripts (a restart, SCRIPT FLUSH): they are loaded again.
+    redis.Redis.from_url(redis_url).script_flush()
+    assert send(gateway, headers, stream).status_code == 200
+    assert held_leases(redis_url) == (0, 0)
 
 
 def held_leases(url: str) -> tuple[int, int]:

@@ -24,25 +24,45 @@ class Script:
         return 1
 
 
-class Pipeline:
+class Connection:
+    """A pooled connection: what is sent at once is one round trip."""
+
     def __init__(self, client):
         self.client = client
-        self.commands = []
+        self.replies = []
 
-    def evalsha(self, sha, numkeys, *keys_and_args):
-        keys = keys_and_args[:numkeys]
-        self.commands.append((sha, tuple(keys), tuple(keys_and_args[numkeys:])))
+    def pack_commands(self, commands):
+        return list(commands)
 
-    def execute(self, raise_on_error=True):
-        assert raise_on_error is False
-        self.client.trips.append(list(self.commands))
+    def send_packed_command(self, commands):
+        self.client.trips.append(
+            [(sha, tuple(rest[:n]), tuple(rest[n:])) for _, sha, n, *rest in commands]
+        )
         if self.client.down:
             raise redis.ConnectionError("down")
         scripts = {s.sha: s for s in self.client.scripts}
-        return [
-            1 if scripts[sha].loaded else redis.exceptions.NoScriptError("NOSCRIPT")
-            for sha, _, _ in self.commands
-        ]
+        self.replies = [scripts[sha].loaded for _, sha, *_ in commands]
+
+    def read_response(self):
+        if not self.replies.pop(0):
+            raise redis.exceptions.NoScriptError("NOSCRIPT")
+        return 1
+
+    def disconnect(self):
+        self.client.disconnected += 1
+
+
+class Pool:
+    def __init__(self, client):
+        self.connection = Connection(client)
+        self.released = 0
+
+    def get_connection(self):
+        return self.connection
+
+    def release(self, connection):
+        assert connection is self.connection
+        self.released += 1
 
 
 class Client:
@@ -52,15 +72,13 @@ class Client:
         self.trips = []
         self.scripts = []
         self.down = False
+        self.disconnected = 0
+        self.connection_pool = Pool(self)
 
     def script(self, sha, loaded=True):
         script = Script(self, sha, loaded)
         self.scripts.append(script)
         return script
-
-    def pipeline(self, transaction=True):
-        assert transaction is False
-        return Pipeline(self)
 
 
 @pytest.fixture(autouse=True)
@@ -172,6 +190,8 @@ def test_a_lost_connection_fails_every_write_of_the_trip():
         store.write(client, client.script("b"), [], [], heard.append)
     assert len(heard) == 2
     assert all(isinstance(error, redis.ConnectionError) for error in heard)
+    assert client.disconnected == 1
+    assert client.connection_pool.released == 1
 
 
 def test_a_script_redis_lost_is_loaded_and_run_again():
