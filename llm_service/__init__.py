@@ -17,7 +17,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ``LLM_SERVICE_*`` environment, then ``test_config``; they are checked once
     here and a bad one raises :class:`~llm_service.config.ConfigError`.
     """
-    from . import config, errors, limits, logs, metrics, pipeline, tracing, upstreams
+    from . import (
+        config,
+        errors,
+        limits,
+        logs,
+        metrics,
+        pipeline,
+        store,
+        tracing,
+        upstreams,
+    )
 
     app = Flask(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
@@ -28,6 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from . import auth, db, quotas, usage
 
     logs.init_app(app)
+    store.init_app(app)
     limits.init_app(app)
     pipeline.init_app(app)
     errors.init_app(app)

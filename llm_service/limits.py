@@ -18,6 +18,7 @@ from limits.storage import RedisStorage, Storage
 from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import store
 from .config import UNIX_PEER
 from .pipeline import CORRELATION_HEADER
 
@@ -270,6 +271,12 @@ def init_app(app: Flask) -> None:
     )
 
     configured = app.config["RATE_LIMIT_STORAGE_URI"]
+    options = _storage_options(configured)
+    shared = store.redis_for(app)
+    if shared is not None:
+        # The process's one pool (and its bounds), shared with the quotas and
+        # the slot leases.
+        options["connection_pool"] = shared.connection_pool
     limiter = Limiter(
         get_remote_address,
         # An application limit is one bucket per client across every limited
@@ -277,7 +284,7 @@ def init_app(app: Flask) -> None:
         application_limits=[_per_minute_limit],
         application_limits_exempt_when=_is_exempt,
         storage_uri=_storage_uri(configured),
-        storage_options=_storage_options(configured),
+        storage_options=options,
         strategy="fixed-window",
         key_prefix="llm_service",
         # A shared store (Redis) that is slow or down degrades to per-process

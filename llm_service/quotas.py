@@ -35,6 +35,7 @@ from typing import Any
 import redis
 from flask import Flask, Response, current_app, g, request
 
+from . import store
 from .auth import Caller, identity
 from .errors import APIError
 from .usage import METERED_BLUEPRINTS, meter, usage_log
@@ -45,7 +46,6 @@ EXTENSION = "llm_service.quotas"
 WINDOW_MS = 60_000
 #: After a Redis failure, per-process counters are used this long before retrying.
 REDIS_RETRY_SECONDS = 5.0
-REDIS_TIMEOUT_SECONDS = 0.5
 #: What a caller over its concurrency is told to wait.
 CONCURRENCY_RETRY_MS = 1000
 REFUSALS = {
@@ -195,16 +195,12 @@ def _keys(key_id: int) -> tuple[str, str, str, str]:
 
 
 class RedisQuotas:
-    """The shared, exact counters."""
+    """The shared, exact counters (in the process's shared Redis client)."""
 
     shared = True
 
-    def __init__(self, uri: str) -> None:
-        self.client = redis.Redis.from_url(
-            uri,
-            socket_timeout=REDIS_TIMEOUT_SECONDS,
-            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-        )
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self._admit = self.client.register_script(_ADMIT)
         self._finish = self.client.register_script(_FINISH)
         self._renew = self.client.register_script(_RENEW)
@@ -226,15 +222,19 @@ class RedisQuotas:
         return Verdict(bool(result[0]), *(int(v) for v in result[1:]))
 
     def finish(self, admission: Admission, actual: int) -> None:
+        """Settle (with the request's other end-writes when it ends: :mod:`.store`)."""
         _, tokens_key, leases_key, total_key = _keys(admission.key_id)
-        self._finish(
-            keys=[tokens_key, leases_key, total_key],
-            args=[
+        store.write(
+            self.client,
+            self._finish,
+            [tokens_key, leases_key, total_key],
+            [
                 admission.request_id,
                 admission.reserved,
                 actual,
                 "1" if admission.lease else "0",
             ],
+            _settled,
         )
 
     def renew(self, leases: list[tuple[int, str]], lease_ms: int) -> None:
@@ -244,6 +244,12 @@ class RedisQuotas:
                 keys=[_keys(key_id)[2]], args=[request_id, lease_ms], client=pipe
             )
         pipe.execute()
+
+
+def _settled(error: Exception | None) -> None:
+    if error is not None:
+        # The lease expires by itself; the reservation stays as charged.
+        log.warning("could not settle a quota in Redis: %s", type(error).__name__)
 
 
 @dataclass
@@ -325,14 +331,10 @@ class MemoryQuotas:
 class Quotas:
     """Redis when configured and reachable, else the per-process counters."""
 
-    def __init__(self, storage_uri: str, lease_seconds: float) -> None:
+    def __init__(self, client: redis.Redis | None, lease_seconds: float) -> None:
         self.lease_ms = int(lease_seconds * 1000)
         self.memory = MemoryQuotas()
-        self.redis = (
-            RedisQuotas(storage_uri)
-            if storage_uri.startswith(("redis://", "rediss://"))
-            else None
-        )
+        self.redis = RedisQuotas(client) if client is not None else None
         self._down_until = 0.0
         self._leases: dict[str, int] = {}  # live Redis leases: request id -> key id
         self._lock = threading.Lock()
@@ -386,11 +388,7 @@ class Quotas:
     def finish(self, admission: Admission, actual: int) -> None:
         with self._lock:
             self._leases.pop(admission.request_id, None)
-        try:
-            admission.backend.finish(admission, actual if admission.reserved else 0)
-        except redis.RedisError as err:
-            # The lease expires by itself; the reservation stays as charged.
-            log.warning("could not settle a quota in Redis: %s", type(err).__name__)
+        admission.backend.finish(admission, actual if admission.reserved else 0)
 
     def _hold(self, admission: Admission) -> None:
         with self._lock:
@@ -484,7 +482,7 @@ def _add_headers(response: Response) -> Response:
 def init_app(app: Flask) -> None:
     """Admit keyed requests after auth; they settle when the answer has ended."""
     app.extensions[EXTENSION] = Quotas(
-        app.config["RATE_LIMIT_STORAGE_URI"], app.config["QUOTA_LEASE_SECONDS"]
+        store.redis_for(app), app.config["QUOTA_LEASE_SECONDS"]
     )
     app.before_request(_admit)
     app.after_request(_add_headers)

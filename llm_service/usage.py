@@ -35,7 +35,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from . import db
+from . import db, store
 from .models import UsageRecord, utcnow
 
 log = logging.getLogger("llm_service.usage")
@@ -194,12 +194,15 @@ class MeteredStream:
         if self._done:
             return
         self._done = True
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._finish()
+        # The stream's slot release (deferred by the door) and the settling
+        # go to the shared store together, before the client sees the end.
+        with store.request_end():
+            try:
+                close = getattr(self._body, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self._finish()
 
 
 def _observe(response: Response) -> Response:
@@ -414,12 +417,17 @@ def _record(_error: BaseException | None) -> None:
     if found is None or found.streamed or g.get("usage_recorded"):
         return  # not metered, or a stream (recorded when it ends)
     g.usage_recorded = True
-    _finisher(found, g.get("response_status", 500))()
+    # Before the answer is sent: the call's slot release (deferred by the
+    # door) and the settling go to the shared store together.
+    with store.request_end():
+        _finisher(found, g.get("response_status", 500))()
 
 
 def _start() -> None:
     if request.blueprint in METERED_BLUEPRINTS:
         meter()
+        # Its end (_record, or the stream's close) sends what the door defers.
+        store.hold()
 
 
 def init_app(app: Flask) -> None:

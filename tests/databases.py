@@ -6,8 +6,10 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -137,3 +139,83 @@ class RedisServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+
+
+class RoundTrips:
+    """A TCP relay in front of a server that counts its clients' round trips.
+
+    A round trip is a client's send after the server last answered (or the
+    first one): commands pipelined in one send are one trip, each command
+    awaited before the next is one trip each. ``connections`` counts the
+    connections clients opened.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.trips = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def count(self) -> tuple[int, int]:
+        """``(round trips, connections)`` so far."""
+        with self._lock:
+            return self.trips, self.connections
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), 10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            state = {"answered": True}
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, server]
+                for args in ((client, server, True), (server, client, False)):
+                    pump = threading.Thread(
+                        target=self._pump, args=(*args, state), daemon=True
+                    )
+                    self._threads.append(pump)
+                    pump.start()
+
+    def _pump(self, source, sink, from_client: bool, state) -> None:
+        try:
+            while data := source.recv(65536):
+                with self._lock:
+                    if from_client:
+                        if state["answered"]:
+                            self.trips += 1
+                        state["answered"] = False
+                    else:
+                        state["answered"] = True
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
+            source.close()
+
+    def stop(self) -> None:
+        self._listener.close()
+        self._accepting.join(10)
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(10)

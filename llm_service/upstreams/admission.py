@@ -88,8 +88,12 @@ class SlotStore(Protocol):
     def try_acquire(self, host: str, slots: int) -> Lease | None:
         """Take one of ``host``'s ``slots`` if one is free."""
 
-    def release(self, lease: Lease) -> None:
-        """Give a slot back."""
+    def release(self, lease: Lease, then: Callable[[], None] | None = None) -> None:
+        """Give a slot back, then call ``then`` (once it is back in the store).
+
+        A shared store's write may wait for the end of the request
+        (:mod:`llm_service.store`).
+        """
 
     def attach(
         self, on_freed: Callable[[], None], has_waiters: Callable[[], bool]
@@ -119,10 +123,12 @@ class LocalSlots:
             self._used[host] += 1
         return Lease(host, "")
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, then: Callable[[], None] | None = None) -> None:
         with self._lock:
             if self._used[lease.host] > 0:
                 self._used[lease.host] -= 1
+        if then is not None:
+            then()
 
     def in_use(self, host: str) -> int:
         with self._lock:
@@ -562,8 +568,10 @@ class Admission:
                 entry.mean_service += SERVICE_EWMA_ALPHA * (served - entry.mean_service)
             lease = ticket.lease
         if lease is not None:
-            self.store.release(lease)
-        self._dispatch(entry)
+            # Waiting requests try for the slot once it is really back.
+            self.store.release(lease, lambda: self._dispatch(entry))
+        else:
+            self._dispatch(entry)
 
     # -- what callers are told -------------------------------------------------
 

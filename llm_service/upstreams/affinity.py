@@ -31,24 +31,13 @@ REDIS_RETRY_SECONDS = 5.0
 class Affinity:
     """Conversation key -> host name, shared through Redis when configured."""
 
-    def __init__(self, ttl: float, storage_uri: str = "memory://") -> None:
+    def __init__(self, ttl: float, redis_client: Any = None) -> None:
+        """Remember in ``redis_client`` (one with :data:`REDIS_TIMEOUT`) if given."""
         self.ttl = ttl
         self.local = AffinityMap(ttl)
-        self._redis: Any = None
+        self._redis: Any = redis_client
         self._lock = threading.Lock()
         self._down_until = 0.0
-        if storage_uri.partition("://")[0] in {"redis", "rediss"}:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            # Connects lazily, on first use: nothing happens here at start-up.
-            self._redis = redis.Redis.from_url(
-                storage_uri,
-                socket_timeout=REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-            )
 
     @property
     def shared(self) -> bool:

@@ -8,7 +8,7 @@ lease is renewed every third of ``lease_seconds``; a released slot is announced
 on a channel so waiting gateways try again at once. A gateway that crashes
 renews nothing: its slots come back when their leases expire.
 
-While Redis is unreachable (or answers slower than the limit store's timeout),
+While Redis is unreachable (or answers slower than the store's timeout),
 :class:`SharedSlots` counts in this process instead, with each worker taking
 its share of a host's slots (:func:`.admission.workers_share`); Redis is tried
 again after 1, 2, 4 ... 32 s. Requests admitted during the outage hold no
@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .. import store
 from .admission import Lease, LocalSlots
 
 log = logging.getLogger("llm_service.admission")
@@ -39,8 +40,6 @@ POLL_SECONDS = 1.0
 #: A process that has not asked for a slot this long is no longer waiting (one
 #: whose waiters all left, or that died): it loses its place in the line.
 FORGET_WAITER_MS = int(2.5 * POLL_SECONDS * 1000)
-#: Longest wait for Redis to connect or answer (as the limit store's).
-STORE_TIMEOUT = 0.5
 #: Longest pause before Redis is tried again after a failure.
 MAX_BACKOFF_SECONDS = 32.0
 
@@ -157,12 +156,17 @@ class RedisSlots:
             self.held[lease.id] = host
         return lease
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, done: store.Done | None = None) -> None:
+        """Give the lease back (with the request's other end-writes: :mod:`..store`)."""
         with self._lock:
             self.held.pop(lease.id, None)
         waiting, _ = _turn_keys(lease.host)
-        self._release(
-            keys=[slots_key(lease.host), CHANNEL, waiting], args=[lease.id, lease.host]
+        store.write(
+            self.client,
+            self._release,
+            [slots_key(lease.host), CHANNEL, waiting],
+            [lease.id, lease.host],
+            done,
         )
 
     def renew(self) -> int:
@@ -222,15 +226,21 @@ class SharedSlots:
                 return lease
         return self.local.try_acquire(host, slots)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, then: Callable[[], None] | None = None) -> None:
         if not lease.shared:
             self.local.release(lease)
             # Another process may wait for the slot this one held in its share.
+            if then is not None:
+                then()
             return
-        try:
-            self.redis.release(lease)
-        except Exception as err:  # the lease expires by itself
-            self._failed(err)
+
+        def done(error: Exception | None) -> None:
+            if error is not None:  # the lease expires by itself
+                self._failed(error)
+            if then is not None:
+                then()
+
+        self.redis.release(lease, done)
 
     def _failed(self, err: Exception) -> None:
         with self._lock:
@@ -291,21 +301,8 @@ class SharedSlots:
                     log.exception("admitting waiting requests failed")
 
 
-def redis_store(uri: str, lease_seconds: float, local: LocalSlots) -> SharedSlots:
-    """Slots leased in the Redis at ``uri``, this process's share while it is away.
-
-    Builds the client only: nothing connects before the first request.
-    """
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    client = redis.Redis.from_url(
-        uri,
-        socket_timeout=STORE_TIMEOUT,
-        socket_connect_timeout=STORE_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-    )
+def redis_store(client: Any, lease_seconds: float, local: LocalSlots) -> SharedSlots:
+    """Slots leased in Redis (``client``), this process's share while it is away."""
     return SharedSlots(
         RedisSlots(client, lease_seconds), local, renew_seconds=lease_seconds / 3
     )

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, has_request_context, request
 
+from .. import store
 from ..lmstudio.chunks import ChatResult
 from ..lmstudio.client import (
     RETRY_STATUSES,
@@ -61,6 +62,7 @@ from ..lmstudio.watchdog import CallScope
 from ..pipeline import correlation_id
 from . import queueing
 from .admission import Admission, Ticket
+from .affinity import REDIS_TIMEOUT as AFFINITY_REDIS_TIMEOUT
 from .affinity import Affinity
 from .breaker import CircuitBreaker
 from .discovery import Discovery, Host
@@ -292,7 +294,9 @@ class Upstream:
 
     def _call(self, payload: dict[str, Any], send: Send, admit: bool = True) -> Any:
         result, release, _host = self._plan(payload, admit).run(send, hangup_scope)
-        release()
+        # At the request's end, before its answer is sent: with its quota's
+        # settling, in one trip to the shared store.
+        store.defer(release)
         return result
 
     def acquire(self, host: Host, ticket: Ticket | None = None) -> Callable[[], None]:
@@ -302,6 +306,9 @@ class Upstream:
         host's fair queue for a slot (``ticket``: a place it already has). The
         release is called once the call returns or the stream closes.
         """
+        # A call made after another in the same request: the first one's
+        # deferred release first, or the two could wait for each other.
+        store.run_deferred()
         ticket = ticket or queueing.enter(self.admission, host.slot_key)
         try:
             queueing.wait(ticket)
@@ -660,8 +667,11 @@ class FailoverStream:
             stream.cancel()
 
     def close(self) -> None:
-        """Abort the stream and give the host's place back."""
-        self._end_stream()
+        """Abort the stream and give the host's place back (at the request's end)."""
+        if self._stream is not None:
+            self._stream.close()
+        release, self._release = self._release, lambda: None
+        store.defer(release)
 
     def _end_stream(self) -> None:
         if self._stream is not None:
@@ -730,7 +740,7 @@ def init_app(app: Flask) -> None:
         )
         for entry in config["UPSTREAM_HOSTS"]
     ]
-    admission = queueing.build_admission(config)
+    admission = queueing.build_admission(config, store.redis_for(app))
     for host, entry in zip(hosts, config["UPSTREAM_HOSTS"], strict=True):
         # Slots are shared by every gateway using the same server (Redis leases):
         # named by its address, not by this gateway's name for it.
@@ -741,7 +751,7 @@ def init_app(app: Flask) -> None:
     affinity = None
     if several and config["AFFINITY"]:
         affinity = Affinity(
-            config["AFFINITY_SECONDS"], config["RATE_LIMIT_STORAGE_URI"]
+            config["AFFINITY_SECONDS"], store.redis_for(app, AFFINITY_REDIS_TIMEOUT)
         )
     discovery = None
     if several and config["DISCOVERY_INTERVAL_SECONDS"] > 0:

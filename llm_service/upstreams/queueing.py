@@ -28,7 +28,7 @@ from typing import Any
 
 from flask import g, has_request_context, request
 
-from .. import lifecycle
+from .. import lifecycle, store
 from ..errors import APIError
 from ..lifecycle import ShuttingDownError, drain
 from ..lmstudio.errors import LMStudioCancelledError
@@ -217,21 +217,20 @@ class SlotStream:
         """Close the upstream stream and give the slot back."""
         if self.stream is not None:
             self.stream.close()
-        self._finalizer()
+        store.defer(self._finalizer)
 
 
-def build_admission(config: dict[str, Any]) -> Admission:
-    """The process's admission from the settings; Redis leases when configured."""
+def build_admission(config: dict[str, Any], redis_client: Any = None) -> Admission:
+    """The process's admission from the settings; Redis leases given a client."""
     local = LocalSlots(workers_share(lambda: lifecycle.workers))
-    store: Any = local
-    uri = config["RATE_LIMIT_STORAGE_URI"]
-    if uri.partition("://")[0] in ("redis", "rediss"):
+    slots: Any = local
+    if redis_client is not None:
         from .leases import redis_store
 
-        store = redis_store(uri, config["SLOT_LEASE_SECONDS"], local)
+        slots = redis_store(redis_client, config["SLOT_LEASE_SECONDS"], local)
     return Admission(
         queue_max=config["QUEUE_MAX"],
         queue_timeout=config["QUEUE_TIMEOUT"],
         max_per_key=config["QUEUE_MAX_PER_KEY"],
-        store=store,
+        store=slots,
     )

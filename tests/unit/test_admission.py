@@ -375,11 +375,13 @@ class FlakyRedis:
         self.used += 1
         return Lease(host, shared=True)
 
-    def release(self, lease):
+    def release(self, lease, done):
         if self.down:
-            raise ConnectionError("down")
+            done(ConnectionError("down"))
+            return
         self.used -= 1
         self.released.append(lease)
+        done(None)
 
 
 def test_shared_slots_fall_back_to_the_local_share_and_come_back(clock):
