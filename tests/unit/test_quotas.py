@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llm_service import quotas
+from llm_service import quotas, store
 from llm_service.auth import Caller
 from tests.conftest import UPSTREAM
+from tests.servers import free_port
 from tests.unit.test_auth import COMPLETION, HELLO, bearer, create_key
 
 pytestmark = pytest.mark.mock_llm
@@ -151,7 +152,6 @@ def test_openapi_lists_the_quota_codes(client):
 
 
 def test_redis_down_falls_back_to_process_counters_and_says_so(make_app, upstream):
-    from tests.servers import free_port
 
     app = make_app(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
     key = create_key(app, "alice", "--rpm", "1")
@@ -166,11 +166,12 @@ def test_redis_down_falls_back_to_process_counters_and_says_so(make_app, upstrea
     assert status["degraded"] is True
 
 
-def test_redis_replies_are_parsed_by_hiredis():
+def test_redis_replies_are_parsed_by_hiredis(make_app):
     """The C parser is a pinned dependency: the pure-Python one costs ~4% CPU.
 
-    (Four Redis round trips per keyed request; bench: deployed gateway, c=16.)
+    (Redis round trips on every keyed request; bench: deployed gateway, c=16.)
     """
-    client = quotas.RedisQuotas("redis://127.0.0.1:1/0").client
+    app = make_app(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
+    client = store.redis_for(app)
     connection = client.connection_pool.make_connection()  # does not connect
     assert type(connection._parser).__name__ == "_HiredisParser"
