@@ -1,5 +1,6 @@
 """flask lmstudio ping / check."""
 
+import json
 import socket
 
 import pytest
@@ -172,19 +173,25 @@ def test_check_output_has_no_log_lines(capsys, runner, upstream):
     assert "retrying" not in printed
 
 
-def test_check_looks_at_every_host(app_factory, upstream):
-    import json
+SECOND = "http://second.test:8080"
 
-    other = "http://second.test:8080"
-    hosts = [{"name": "first", "url": UPSTREAM}, {"name": "second", "url": other}]
+
+@pytest.fixture
+def two_hosts(app_factory, upstream):
+    """A CLI runner for an app with two hosts: ``first`` answers, ``second`` not."""
+    hosts = [{"name": "first", "url": UPSTREAM}, {"name": "second", "url": SECOND}]
     app = app_factory(
         UPSTREAMS=json.dumps(hosts), LM_STUDIO_URL=None, DISCOVERY_INTERVAL_SECONDS=0
     )
     upstream.get(MODELS, json={"data": [{"id": "qwen"}]})
     upstream.get(f"{UPSTREAM}/lmstudio-greeting", json={"lmstudio": True})
     upstream.get(f"{UPSTREAM}/api/v0/models", json={"data": []})
-    upstream.get(f"{other}/v1/models", body=requests.ConnectionError("refused"))
-    result = app.test_cli_runner().invoke(args=["lmstudio", "check"])
+    upstream.get(f"{SECOND}/v1/models", body=requests.ConnectionError("refused"))
+    return app.test_cli_runner()
+
+
+def test_check_looks_at_every_host(two_hosts):
+    result = two_hosts.invoke(args=["lmstudio", "check"])
     assert result.exit_code == 1
     first, second = result.output.split("host second:")
     assert first.startswith("host first:")
@@ -193,19 +200,8 @@ def test_check_looks_at_every_host(app_factory, upstream):
     assert "second.test" in second
 
 
-def test_ping_probes_every_host(app_factory, upstream):
-    import json
-
-    other = "http://second.test:8080"
-    hosts = [{"name": "first", "url": UPSTREAM}, {"name": "second", "url": other}]
-    app = app_factory(
-        UPSTREAMS=json.dumps(hosts), LM_STUDIO_URL=None, DISCOVERY_INTERVAL_SECONDS=0
-    )
-    upstream.get(MODELS, json={"data": [{"id": "qwen"}]})
-    upstream.get(f"{UPSTREAM}/lmstudio-greeting", json={"lmstudio": True})
-    upstream.get(f"{UPSTREAM}/api/v0/models", json={"data": []})
-    upstream.get(f"{other}/v1/models", body=requests.ConnectionError("refused"))
-    result = app.test_cli_runner().invoke(args=["lmstudio", "ping"])
+def test_ping_probes_every_host(two_hosts):
+    result = two_hosts.invoke(args=["lmstudio", "ping"])
     assert result.exit_code == 1
     assert f"OK first: {UPSTREAM}" in result.output
-    assert "FAIL second: http://second.test:8080" in result.output
+    assert f"FAIL second: {SECOND}" in result.output
