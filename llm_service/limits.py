@@ -40,7 +40,8 @@ UNLIMITED_BLUEPRINTS = frozenset({"health", "docs", "monitoring"})
 CORS_METHODS = ["GET", "HEAD", "POST", "OPTIONS"]
 #: Longest wait, in seconds, for the shared limit store to connect or answer;
 #: after it the request is counted in this process instead (see init_app).
-STORAGE_TIMEOUT = 0.5
+#: The shared store's own bound: Redis is the same client and pool.
+STORAGE_TIMEOUT = store.TIMEOUT
 #: The limit's window: a client told to wait without the exact count waits this.
 WINDOW_SECONDS = 60
 EXTENSION = "llm_service.limiter"
