@@ -101,7 +101,9 @@ def test_frozen_redis_neither_stalls_nor_fails_requests(fake, redis_server):
         "RATE_LIMIT_STORAGE_URI": url,
         "HEALTH_CACHE_SECONDS": 0,
     }
-    with GatewayServer(settings) as gateway:
+    # One process: the fallback and its recovery are each worker's own, and
+    # with two (the default with Redis) the requests are spread over both.
+    with GatewayServer(settings, workers=1) as gateway:
         assert post(gateway).status_code == 200
         before = _storage(gateway)
 
