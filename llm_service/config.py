@@ -684,6 +684,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Log level.",
     ),
     Setting("LOG_FORMAT", "json", _choice("json", "text"), "`json` lines or `text`."),
+    Setting(
+        "LOG_FLUSH_SECONDS",
+        0.1,
+        _seconds(allow_zero=True),
+        "Lines below WARNING wait at most this long to be written to stderr "
+        "together (one write per 4 KiB, like nginx's `buffer=`/`flush=`); WARNING "
+        "and above are written at once. `0`: every line at once.",
+    ),
     Setting("DEBUG", False, _boolean, "Flask debug mode (never in production)."),
     Setting(
         "ALLOWED_ORIGINS",

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import select
 import sys
+import threading
+import time
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask, g, has_request_context
 
@@ -161,13 +167,130 @@ class TextFormatter(logging.Formatter):
         return self.redact("\n".join(lines))
 
 
+class BatchedStream(logging.StreamHandler):
+    """Write lines to a stream in batches: fewer writes, none torn.
+
+    Each write is a system call that hands the GIL over, and the access log
+    writes a line per request. Lines below WARNING are held until
+    :data:`BATCH_BYTES` of them are waiting or the oldest has waited
+    ``flush_seconds``; a WARNING or worse goes out at once, with whatever is
+    waiting before it. A batch is at most :data:`BATCH_BYTES` (``PIPE_BUF``):
+    workers sharing one pipe for stderr never tear each other's lines. What
+    is held is written when the handler is flushed (at exit: logging's own
+    shutdown) or closed, and before the process forks.
+    """
+
+    #: The most one write carries: a write to a pipe up to ``PIPE_BUF`` is
+    #: never interleaved with another process's.
+    BATCH_BYTES = getattr(select, "PIPE_BUF", 4096)
+
+    def __init__(self, stream: Any, flush_seconds: float) -> None:
+        super().__init__(stream)
+        self.flush_seconds = flush_seconds
+        self._lines: list[str] = []
+        self._size = 0
+        self._due = threading.Condition(self.lock)
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        _batched.add(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        # Called with the handler's lock held (``Handler.handle``).
+        size = len(line) if line.isascii() else 4 * len(line)
+        if self._size + size > self.BATCH_BYTES:
+            self._write_held()
+        self._lines.append(line)
+        self._size += size
+        if record.levelno >= logging.WARNING or self.flush_seconds <= 0:
+            self._write_held()
+        elif len(self._lines) == 1:
+            self._wake_flusher()
+
+    def flush(self) -> None:
+        """Write what is held now."""
+        with self.lock:
+            self._write_held()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            self._write_held()
+            self._due.notify_all()
+        super().close()
+
+    def _write_held(self) -> None:
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:  # as StreamHandler: a broken stderr stops no request
+            self.handleError(logging.makeLogRecord({"msg": "(batched lines)"}))
+
+    def _wake_flusher(self) -> None:
+        if self._flusher is None:
+            # Started on first use, in the process that logs: threads do not
+            # survive gunicorn's fork.
+            self._flusher = threading.Thread(
+                target=self._run, name="log-flusher", daemon=True
+            )
+            self._flusher.start()
+        else:
+            self._due.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self._lines and not self._closed:
+                    self._due.wait()
+                if self._closed:
+                    return
+            time.sleep(self.flush_seconds)
+            self.flush()
+
+    def _forget_flusher(self) -> None:
+        # In a forked child: the parent's thread is not here, and the lines
+        # were written before the fork.
+        self._flusher = None
+        self._due = threading.Condition(self.lock)
+        self._lines.clear()
+        self._size = 0
+
+
+#: Every live batched handler: their held lines are written before a fork.
+_batched: weakref.WeakSet[BatchedStream] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for handler in list(_batched):
+        handler.flush()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_batched):
+        handler._forget_flusher()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 def init_app(app: Flask) -> None:
     """Send the package's records to stderr in the configured format."""
     logger = logging.getLogger(ROOT_LOGGER)
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:
             logger.removeHandler(handler)  # a second app in the same process
-    handler = logging.StreamHandler(sys.stderr)
+            handler.close()
+    handler = BatchedStream(sys.stderr, app.config["LOG_FLUSH_SECONDS"])
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(CorrelationIdFilter())
     redact = Redactor(secret_values(app.config))

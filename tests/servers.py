@@ -101,6 +101,14 @@ class GatewayServer:
         return code
 
     def logs(self) -> str:
+        """Everything the gateway wrote; while it runs, after its lines are out.
+
+        Lines below WARNING wait up to ``LOG_FLUSH_SECONDS`` to be written in
+        a batch, so a running gateway gets that long (and a margin) first.
+        """
+        if self.process is not None and self.process.poll() is None:
+            flush = float(self.env.get("LLM_SERVICE_LOG_FLUSH_SECONDS", 0.1))
+            time.sleep(flush + 0.4)
         if not self.log.closed:
             self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
