@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 
+from .ids import new_uuid
 from .lifecycle import ShuttingDownError, drain
 
 access_log = logging.getLogger("llm_service.access")
@@ -48,7 +48,7 @@ def correlation_id() -> str:
             if value and _VALID_CORRELATION_ID.fullmatch(value):
                 chosen = value
                 break
-        g.correlation_id = chosen or str(uuid.uuid4())
+        g.correlation_id = chosen or str(new_uuid())
     return g.correlation_id
 
 

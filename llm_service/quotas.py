@@ -27,7 +27,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ from flask import Flask, Response, current_app, g, request
 from . import store
 from .auth import Caller, identity
 from .errors import APIError
+from .ids import new_uuid
 from .usage import METERED_BLUEPRINTS, meter, usage_log
 
 log = logging.getLogger("llm_service.quotas")
@@ -357,7 +357,7 @@ class Quotas:
         }
 
     def admit(self, caller: Caller, tokens: int) -> Admission:
-        request_id = uuid.uuid4().hex
+        request_id = new_uuid().hex
         backend = self.memory
         if self.redis is not None and not self.degraded:
             backend = self.redis

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, g, has_request_context, request
 
 from .config import ConfigError
+from .ids import random_hex
 
 log = logging.getLogger("llm_service.tracing")
 
@@ -83,9 +83,9 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
 def incoming_context() -> TraceContext:
     """The caller's trace continued, or a new one; a new span id either way."""
     parsed = parse_traceparent(request.headers.get("traceparent"))
-    span_id = secrets.token_hex(8)
+    span_id = random_hex(8)
     if parsed is None:
-        return TraceContext(trace_id=secrets.token_hex(16), span_id=span_id)
+        return TraceContext(trace_id=random_hex(16), span_id=span_id)
     trace_id, parent_id, flags = parsed
     state = request.headers.get("tracestate")
     if state is not None and not _TRACESTATE.fullmatch(state.strip()):

@@ -23,7 +23,6 @@ import math
 import re
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from . import db, store
+from .ids import new_uuid
 from .models import UsageRecord, utcnow
 
 log = logging.getLogger("llm_service.usage")
@@ -395,7 +395,7 @@ def _finisher(found: Meter, status: int) -> Callable[[], None]:
             ttft = round((found.first_byte_at - started) * 1000, 3)
         record = {
             **facts,
-            "id": uuid.uuid4().hex,
+            "id": new_uuid().hex,
             "created_at": utcnow(),
             "model": found.model[:256] if found.model else None,
             "prompt_tokens": prompt,

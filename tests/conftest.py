@@ -19,6 +19,9 @@ TEST_CONFIG = {
     "LM_STUDIO_URL": UPSTREAM,
     "HEALTH_CACHE_SECONDS": 0,
     "LOG_LEVEL": "DEBUG",
+    # Each line at once, into the test's own capture (batching: test_log_batches
+    # and every gunicorn-served test, which run the default).
+    "LOG_FLUSH_SECONDS": 0,
     # A private in-memory database: never the developer's instance/ one.
     "DATABASE_URL": "sqlite://",
 }

@@ -26,10 +26,11 @@ import math
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..ids import new_uuid
 
 #: Slots of a host whose count is neither configured nor discovered.
 DEFAULT_SLOTS = 4
@@ -78,7 +79,7 @@ class Lease:
     """One slot of one host, held by one request; ``shared`` if a store's lease."""
 
     host: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: new_uuid().hex)
     shared: bool = False
 
 
