@@ -140,11 +140,31 @@ class DeadlineReader:
         raise ClientTimeoutError("the client did not send the request in time")
 
 
+class ModeSocket(socket.socket):
+    """A client socket whose mode switches cost nothing when nothing changes.
+
+    A kept-alive request switches its socket between the loop (non-blocking)
+    and a thread (blocking), and gthread asks twice on each side. Each
+    ``setblocking`` is an ``ioctl`` that hands the GIL over; the mode is
+    known without one (``gettimeout``), so only real changes make the call.
+    """
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        timeout = self.gettimeout()
+        if (timeout is None) if flag else (timeout == 0.0):
+            return
+        super().setblocking(flag)
+
+
 class Connection(gthread.TConn):
     """gthread's connection, with the head gathered so far."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, cfg: Any, sock: Any, *args: Any) -> None:
+        if type(sock) is socket.socket:
+            sock.__class__ = ModeSocket  # same layout: only the method differs
+        super().__init__(cfg, sock, *args)
         self.head = bytearray()
         self.scanned = 0  # bytes of ``head`` already searched for its end
         self.head_deadline = 0.0
