@@ -456,3 +456,30 @@ def test_a_forked_child_never_uses_its_parents_connections(client):
     assert report[0] == "1"
     assert int(report[1]) != parent
     assert client_id(client) == parent  # the parent's still works
+
+
+def test_conversation_affinity_takes_the_lean_path(redis_server, monkeypatch):
+    """Affinity's own client (its shorter timeout): shared between processes'
+    maps through Redis, no checkout poll, its own map while Redis is frozen."""
+    from llm_service.upstreams.affinity import REDIS_TIMEOUT, Affinity
+
+    def refused(*args, **kwargs):
+        raise AssertionError("redis-py's checkout (a lock, a poll) on the hot path")
+
+    short = store._build(redis_server.url, REDIS_TIMEOUT)
+    one, other = Affinity(60, short), Affinity(60, short)
+    monkeypatch.setattr(redis.connection.AbstractConnection, "can_read", refused)
+    monkeypatch.setattr(redis.ConnectionPool, "get_connection", refused)
+    one.put("conversation", "host-b")
+    assert other.get("conversation") == "host-b"
+    assert other.get("another") is None
+    assert store.connections(short).wait == REDIS_TIMEOUT
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        one.put("later", "host-a")
+        assert time.monotonic() - began < REDIS_TIMEOUT + 0.4
+        assert not one.shared
+        assert one.get("later") == "host-a"  # its own map
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
