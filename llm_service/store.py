@@ -300,7 +300,7 @@ class Connections:
         self.factory = pool.connection_class
         self.kwargs = dict(pool.connection_kwargs)
         #: Most connections in existence at once.
-        self.limit = pool.max_connections
+        self.limit = pool.max_connections or 2**31
         #: Longest wait for a free connection when ``limit`` are in use.
         self.wait = self.kwargs.get("socket_timeout") or TIMEOUT
         self._reset()
