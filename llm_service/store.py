@@ -273,7 +273,9 @@ class Connections:
     Connections are made as the client's pool makes them (its connection
     class and keyword arguments: the URI's host, TLS for ``rediss://``,
     password, db, the timeouts, no retries), lazily, in the process that uses
-    them. Taking one is a pop and giving it back an append, with no lock;
+    them; a forked child (a gunicorn worker) starts with an empty list and
+    never touches its parent's sockets (:func:`os.register_at_fork`, as
+    redis-py's pool resets itself on a new pid). Taking one is a pop and giving it back an append, with no lock;
     only a thread that finds none free takes the lock, to make one while
     fewer than the pool's ``max_connections`` exist, or else to wait for one
     (as long as a read may take) and then fail as the pool does when full.
@@ -292,8 +294,8 @@ class Connections:
     idle connection (of the same server, so most likely closed too) and the
     trip is sent once more on a fresh one: the reconnect the pool made at
     checkout, not a retry of a command Redis may have run. (Had Redis died
-    after running the command, the fresh connection is refused.) A timeout is
-    never sent again.
+    after running the command, the fresh connection is refused: no restart is
+    that quick.) A timeout is never sent again.
     """
 
     def __init__(self, pool: Any) -> None:
