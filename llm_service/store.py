@@ -275,10 +275,11 @@ class Connections:
     password, db, the timeouts, no retries), lazily, in the process that uses
     them; a forked child (a gunicorn worker) starts with an empty list and
     never touches its parent's sockets (:func:`os.register_at_fork`, as
-    redis-py's pool resets itself on a new pid). Taking one is a pop and giving it back an append, with no lock;
-    only a thread that finds none free takes the lock, to make one while
-    fewer than the pool's ``max_connections`` exist, or else to wait for one
-    (as long as a read may take) and then fail as the pool does when full.
+    redis-py's pool resets itself on a new pid). Taking one is a pop and
+    giving it back an append, with no lock; only a thread that finds none
+    free takes the lock, to make one while fewer than the pool's
+    ``max_connections`` exist, or else to wait for one (as long as a read may
+    take) and then fail as the pool does when full.
 
     redis-py's pool asks the socket at every checkout whether it can be read
     (a ``poll``, which also hands over the GIL), to find a connection left
