@@ -206,9 +206,11 @@ class RedisQuotas:
         self._renew = self.client.register_script(_RENEW)
 
     def admit(self, caller: Caller, tokens: int, request_id: str, lease_ms: int):
-        result = self._admit(
-            keys=_keys(caller.key_id),
-            args=[
+        result = store.run(
+            self.client,
+            self._admit,
+            _keys(caller.key_id),
+            [
                 caller.rpm or 0,
                 caller.tpm or 0,
                 caller.concurrency or 0,

@@ -19,16 +19,28 @@ request that made it is :func:`held <hold>`, it runs in that request's
 The scopes are per thread (a request is served by one thread, its stream
 too); the request layers open and close them, this module knows no Flask
 request.
+
+The calls a request makes (quota admission, a slot lease, conversation
+affinity, the request-end trip) take the lean path: :func:`run` and
+:func:`call` send on a connection of the client's own free list
+(:class:`Connections`), a pop and an append, where redis-py's pool takes locks
+and polls the socket at every checkout and its command layers cost as much CPU
+again as the round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import redis
 from flask import Flask
 
 log = logging.getLogger("llm_service.store")
@@ -52,7 +64,6 @@ def is_redis(uri: str) -> bool:
 
 
 def _build(uri: str, timeout: float) -> Any:
-    import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -107,7 +118,7 @@ def write(
         held.append((client, script, keys, args, done or _logged))
         return
     try:
-        script(keys=keys, args=args)
+        run(client, script, keys, args)
     except Exception as err:  # the store's failure is the owner's to handle
         if done is None:
             raise
@@ -198,52 +209,233 @@ def _execute(
     group: list[tuple[Any, Any, list[str], list[Any], Done]],
 ) -> list[Exception | None]:
     """Run one client's writes in one round trip; each one's error or None."""
-    if len(group) == 1:
-        _, script, keys, args, _ = group[0]
-        try:
-            script(keys=keys, args=args)
-        except Exception as err:
-            return [err]
-        return [None]
-    import redis
-
-    # The commands written at once on one pooled connection, then each reply
-    # read: a pipeline's round trip without redis-py's Pipeline, which costs
-    # as much CPU again, and asks first whether Script objects are loaded.
-    pool = group[0][0].connection_pool
-    errors: list[Exception | None] = []
+    # The commands written at once on one connection, then each reply read: a
+    # pipeline's round trip without redis-py's Pipeline, which costs as much
+    # CPU again, and asks first whether Script objects are loaded.
     try:
-        connection = pool.get_connection()
+        replies = connections(group[0][0]).run(
+            [_evalsha(script, keys, args) for _, script, keys, args, _ in group],
+            [script for _, script, _, _, _ in group],
+        )
     except Exception as err:  # the store is unreachable: every write failed
         return [err] * len(group)
+    return [r if isinstance(r, Exception) else None for r in replies]
+
+
+# -- the lean command path -------------------------------------------------------
+
+
+def _evalsha(script: Any, keys: Sequence[Any], args: Sequence[Any]) -> tuple:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def run(client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """Run ``script`` (registered on ``client``) in one round trip; its reply.
+
+    As ``script(keys=keys, args=args)``, raising what it would, on the lean
+    path. A script Redis forgot is loaded and run again.
+    """
+    reply = connections(client).run([_evalsha(script, keys, args)], [script])[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def call(client: Any, *command: Any) -> Any:
+    """Send one command (``"GET", key``) on the lean path; Redis' raw reply."""
+    reply = connections(client).run([command])[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+_made_lock = threading.Lock()
+
+
+def connections(client: Any) -> Connections:
+    """``client``'s own free list of connections (made on first use)."""
     try:
-        connection.send_packed_command(
-            connection.pack_commands(
-                [
-                    ("EVALSHA", script.sha, len(keys), *keys, *args)
-                    for _, script, keys, args, _ in group
-                ]
+        return client._lean_connections
+    except AttributeError:
+        with _made_lock:
+            if not hasattr(client, "_lean_connections"):
+                client._lean_connections = Connections(client.connection_pool)
+        return client._lean_connections
+
+
+#: Every free list in this process, emptied in a forked child.
+_every: weakref.WeakSet[Connections] = weakref.WeakSet()
+
+
+class Connections:
+    """A client's connections for the lean path: a free list of its own.
+
+    Connections are made as the client's pool makes them (its connection
+    class and keyword arguments: the URI's host, TLS for ``rediss://``,
+    password, db, the timeouts, no retries), lazily, in the process that uses
+    them; a forked child (a gunicorn worker) starts with an empty list and
+    never touches its parent's sockets (:func:`os.register_at_fork`, as
+    redis-py's pool resets itself on a new pid). Taking one is a pop and
+    giving it back an append, with no lock; only a thread that finds none
+    free takes the lock, to make one while fewer than the pool's
+    ``max_connections`` exist, or else to wait for one (as long as a read may
+    take) and then fail as the pool does when full.
+
+    redis-py's pool asks the socket at every checkout whether it can be read
+    (a ``poll``, which also hands over the GIL), to find a connection left
+    with an unread reply or closed by the server. Here the first cannot
+    happen: a connection goes back to the free list only after every reply
+    of its trip was read whole (an error *reply* is a whole reply); any other
+    outcome (a timeout, a lost connection, a reply that could not be parsed,
+    an exception in the middle) disconnects it and it is dropped. The second
+    is found after the fact: a connection taken from the free list that fails
+    with a ConnectionError before its first reply was closed by the server
+    (Redis restarted, or dropped the idle client) before it read the command,
+    which is what the poll would have found. It is dropped with every other
+    idle connection (of the same server, so most likely closed too) and the
+    trip is sent once more on a fresh one: the reconnect the pool made at
+    checkout, not a retry of a command Redis may have run. (Had Redis died
+    after running the command, the fresh connection is refused: no restart is
+    that quick.) A timeout is never sent again.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.factory = pool.connection_class
+        self.kwargs = dict(pool.connection_kwargs)
+        #: Most connections in existence at once.
+        self.limit = pool.max_connections or 2**31
+        #: Longest wait for a free connection when ``limit`` are in use.
+        self.wait = self.kwargs.get("socket_timeout") or TIMEOUT
+        self._reset()
+        _every.add(self)
+
+    def _reset(self) -> None:
+        self.free: deque[Any] = deque()
+        self.made = 0
+        self.waiting = 0
+        self._changed = threading.Condition(threading.Lock())
+
+    def take(self) -> tuple[Any, bool]:
+        """A connection, and whether it served a trip already."""
+        try:
+            return self.free.pop(), True
+        except IndexError:
+            return self._take_slowly()
+
+    def _take_slowly(self) -> tuple[Any, bool]:
+        deadline = time.monotonic() + self.wait
+        with self._changed:
+            # Counted before looking: a connection given back from now on
+            # sees a waiter and wakes it (``give`` reads ``waiting`` after
+            # its append, without the lock).
+            self.waiting += 1
+            try:
+                while True:
+                    with contextlib.suppress(IndexError):
+                        return self.free.pop(), True
+                    if self.made < self.limit:
+                        connection = self.factory(**self.kwargs)
+                        self.made += 1
+                        return connection, False
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise redis.exceptions.MaxConnectionsError(
+                            "Too many connections"
+                        )
+                    self._changed.wait(left)
+            finally:
+                self.waiting -= 1
+
+    def give(self, connection: Any) -> None:
+        """Put back a connection whose every reply was read."""
+        if connection.should_reconnect():  # the server said it moves
+            connection.disconnect()
+        self.free.append(connection)
+        if self.waiting:
+            with self._changed:
+                self._changed.notify()
+
+    def drop(self, connection: Any) -> None:
+        """Close a connection in an unknown state and forget it."""
+        with contextlib.suppress(Exception):
+            connection.disconnect()
+        with self._changed:
+            self.made -= 1
+            self._changed.notify()
+
+    def run(
+        self, commands: list[tuple], scripts: Sequence[Any] | None = None
+    ) -> list[Any]:
+        """Send ``commands`` at once, then read each reply: one round trip.
+
+        Each command's reply, or the error Redis answered it with. If the
+        connection fails, this raises before any reply was read, or else gives
+        the error for the replies not read. ``scripts[n]``, when given, is the
+        Script that ``commands[n]`` runs by its sha: Redis lost it (restarted,
+        flushed), it is loaded and run again, once.
+        """
+        replies = self._trip(commands)
+        if scripts is not None:
+            lost = [
+                n
+                for n, reply in enumerate(replies)
+                if isinstance(reply, redis.exceptions.NoScriptError)
+            ]
+            if lost:
+                again = []
+                for n in lost:
+                    again += [("SCRIPT", "LOAD", scripts[n].script), commands[n]]
+                try:
+                    loaded = self._trip(again)
+                except Exception as err:
+                    loaded = [err] * len(again)
+                for k, n in enumerate(lost):
+                    load, reply = loaded[2 * k : 2 * k + 2]
+                    replies[n] = load if isinstance(load, Exception) else reply
+        return replies
+
+    def _trip(self, commands: list[tuple], stale: bool = True) -> list[Any]:
+        connection, reused = self.take()
+        replies: list[Any] = []
+        try:
+            connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
             )
-        )
-        for _ in group:
-            try:
-                connection.read_response()
-            except redis.ResponseError as err:  # this write's own failure
-                errors.append(err)
-            else:
-                errors.append(None)
-    except Exception as err:  # the connection: the writes not heard of failed
-        connection.disconnect()
-        errors += [err] * (len(group) - len(errors))
-    finally:
-        pool.release(connection)
-    for n, (_, script, keys, args, _) in enumerate(group):
-        if isinstance(errors[n], redis.exceptions.NoScriptError):
-            # Redis restarted or flushed its scripts: the Script loads it.
-            try:
-                script(keys=keys, args=args)
-            except Exception as err:
-                errors[n] = err
-            else:
-                errors[n] = None
-    return errors
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as err:  # a whole reply: an error
+                    replies.append(err)
+        except BaseException as err:
+            self.drop(connection)
+            if (
+                stale
+                and reused
+                and not replies
+                and isinstance(err, redis.ConnectionError)
+            ):
+                # Closed by the server before it read the command: its idle
+                # siblings most likely too (see the class's docstring).
+                while True:
+                    try:
+                        idle = self.free.popleft()
+                    except IndexError:
+                        break
+                    self.drop(idle)
+                return self._trip(commands, stale=False)
+            if not replies or not isinstance(err, Exception):
+                raise
+            return replies + [err] * (len(commands) - len(replies))
+        self.give(connection)
+        return replies
+
+
+def _forget_every_connection() -> None:
+    # In a forked child (a gunicorn worker): the parent's connections are the
+    # parent's (closing them here would not shut the parent's sockets: redis-py
+    # shuts a socket down only in the process that made it).
+    for lean in list(_every):
+        lean._reset()
+
+
+os.register_at_fork(after_in_child=_forget_every_connection)

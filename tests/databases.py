@@ -100,11 +100,12 @@ class PostgresServer:
 class RedisServer:
     """A private redis-server on a free loopback port, nothing persisted."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
+        """Start one, on ``port`` if given (a restart: the last one's port)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is missing: run `make system-packages`")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [

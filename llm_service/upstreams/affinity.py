@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from .. import store
 from .placement import AffinityMap
 
 log = logging.getLogger("llm_service.upstreams")
@@ -47,7 +48,7 @@ class Affinity:
     def get(self, key: str) -> str | None:
         if self.shared:
             try:
-                value = self._redis.get(KEY_PREFIX + key)
+                value = store.call(self._redis, "GET", KEY_PREFIX + key)
             except Exception as err:  # redis errors, of many kinds
                 self._lost(err)
             else:
@@ -58,7 +59,14 @@ class Affinity:
         self.local.put(key, host)
         if self.shared:
             try:
-                self._redis.set(KEY_PREFIX + key, host, ex=max(1, round(self.ttl)))
+                store.call(
+                    self._redis,
+                    "SET",
+                    KEY_PREFIX + key,
+                    host,
+                    "EX",
+                    max(1, round(self.ttl)),
+                )
             except Exception as err:
                 self._lost(err)
 

@@ -146,9 +146,11 @@ class RedisSlots:
 
     def try_acquire(self, host: str, slots: int) -> Lease | None:
         lease = Lease(host, shared=True)
-        taken = self._acquire(
-            keys=[slots_key(host), *_turn_keys(host)],
-            args=[slots, self.lease_ms, lease.id, self.process, FORGET_WAITER_MS],
+        taken = store.run(
+            self.client,
+            self._acquire,
+            [slots_key(host), *_turn_keys(host)],
+            [slots, self.lease_ms, lease.id, self.process, FORGET_WAITER_MS],
         )
         if not taken:
             return None
