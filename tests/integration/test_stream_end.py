@@ -20,7 +20,7 @@ from tests.integration.test_keys import flask_keys, gunicorn_env
 from tests.integration.test_redis_limits import redis_url  # noqa: F401 - fixture
 from tests.servers import GatewayServer
 
-ROUNDS = 30
+ROUNDS = 50
 CHAT = {
     "model": "fake-model-1",
     "messages": [{"role": "user", "content": "hi"}],
@@ -33,10 +33,11 @@ ROUTES = {
 }
 
 
-@pytest.fixture(params=["memory", "redis"])
-def one_at_a_time(request, fake, tmp_path):
-    """A gateway whose one key may run one request at once, on a one-slot host."""
-    database = f"sqlite:///{tmp_path}/gateway.db"
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def one_at_a_time(request, fake, tmp_path_factory):
+    """A gateway on a one-slot host; keys: one request at once, and unlimited."""
+    folder = tmp_path_factory.mktemp("one-at-a-time")
+    database = f"sqlite:///{folder}/gateway.db"
     settings = {
         "LM_STUDIO_URL": fake.url,
         "DATABASE_URL": database,
@@ -51,16 +52,14 @@ def one_at_a_time(request, fake, tmp_path):
         settings["RATE_LIMIT_STORAGE_URI"] = url
         # Two workers: the next request is often served by the other one.
         gunicorn["workers"] = 2
-    created = flask_keys(
-        gunicorn_env(tmp_path, DATABASE_URL=database),
-        "create",
-        "serial",
-        "--concurrency",
-        "1",
-    )
-    assert created.returncode == 0, created.stderr
+    keys = {}
+    for name, options in (("serial", ["--concurrency", "1"]), ("free", [])):
+        env = gunicorn_env(folder, DATABASE_URL=database)
+        created = flask_keys(env, "create", name, *options)
+        assert created.returncode == 0, created.stderr
+        keys[name] = created.stdout.strip()
     with GatewayServer(settings, **gunicorn) as server:
-        yield server, created.stdout.strip()
+        yield server, keys
 
 
 def read_until_final_event(sock: socket.socket, final: bytes) -> bytes:
@@ -75,11 +74,12 @@ def read_until_final_event(sock: socket.socket, final: bytes) -> bytes:
     return received
 
 
-@pytest.mark.parametrize("route", sorted(ROUTES))
-def test_back_to_back_streams_of_a_concurrency_one_key_are_never_refused(
-    one_at_a_time, route
-):
-    server, key = one_at_a_time
+def back_to_back(server: GatewayServer, key: str, route: str) -> list[bytes]:
+    """Run ``ROUNDS`` streams, each sent the instant the last one's end is read.
+
+    Each is sent before the previous stream's chunked terminator arrives (the
+    previous connection is left open meanwhile); what each got is returned.
+    """
     path, final = ROUTES[route]
     body = json.dumps(CHAT).encode()
     head = (
@@ -92,8 +92,6 @@ def test_back_to_back_streams_of_a_concurrency_one_key_are_never_refused(
     try:
         for _ in range(ROUNDS):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            # Sent the instant the previous stream's final event was read,
-            # before its chunked body's terminator.
             sock.sendall(head + body)
             if previous is not None:
                 previous.close()
@@ -102,9 +100,34 @@ def test_back_to_back_streams_of_a_concurrency_one_key_are_never_refused(
     finally:
         if previous is not None:
             previous.close()
-    statuses = [answer.split(b" ", 2)[1].decode() for answer in answers]
-    refused = [n for n, status in enumerate(statuses) if status != "200"]
-    assert refused == [], f"refused: {refused} ({statuses})"
-    queued = [n for n, answer in enumerate(answers) if b": queued" in answer]
-    assert queued == [], f"queued: {queued}"
-    assert all(final in answer for answer in answers)
+    return answers
+
+
+def refused(answers: list[bytes]) -> dict[int, str]:
+    statuses = {
+        n: answer.split(b" ", 2)[1].decode() for n, answer in enumerate(answers)
+    }
+    return {n: status for n, status in statuses.items() if status != "200"}
+
+
+def queued(answers: list[bytes]) -> list[int]:
+    """The streams that waited for the host's slot (they say so first)."""
+    return [n for n, answer in enumerate(answers) if b": queued position=" in answer]
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_back_to_back_streams_of_a_concurrency_one_key_are_never_refused(
+    one_at_a_time, route
+):
+    server, keys = one_at_a_time
+    answers = back_to_back(server, keys["serial"], route)
+    assert refused(answers) == {}
+    assert queued(answers) == []
+    assert all(ROUTES[route][1] in answer for answer in answers)
+
+
+def test_back_to_back_streams_never_wait_for_the_one_slot(one_at_a_time):
+    server, keys = one_at_a_time
+    answers = back_to_back(server, keys["free"], "openai")
+    assert refused(answers) == {}
+    assert queued(answers) == []
