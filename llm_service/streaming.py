@@ -37,6 +37,7 @@ from .lmstudio.sse import SSEEvent
 from .lmstudio.stream import UpstreamStream
 from .upstreams import disconnects
 from .upstreams.queueing import QueueNotice, SlotStream
+from .usage import end_stream
 
 log = logging.getLogger("llm_service.streaming")
 
@@ -77,7 +78,10 @@ def relay(
     """Yield the client's bytes for ``upstream``'s events, then ``finish()``.
 
     On an upstream failure, yields ``error_event(body)`` instead of ``finish()``.
-    When the client disconnects, the upstream is cancelled at once.
+    When the client disconnects, the upstream is cancelled at once. Before the
+    final event (either) is yielded, the upstream is closed and the request's
+    stream ended (its slot given back, its quota settled, its usage recorded):
+    a client that reads the final event may send its next request at once.
     """
     client = request.environ.get("gunicorn.socket")
     stop_watching = disconnects.watch(client, upstream.cancel)
@@ -91,6 +95,12 @@ def relay(
             with contextlib.suppress(OSError):
                 client.settimeout(max(remaining, FINAL_WRITE_SECONDS))
         return data
+
+    def final(data: bytes) -> bytes:
+        """``data``, the stream's last event, once the stream has ended."""
+        upstream.close()
+        end_stream(data)
+        return bounded(data)
 
     try:
         tick = min(MAX_TICK_SECONDS, keepalive / 2)
@@ -115,7 +125,7 @@ def relay(
         if upstream.cancelled:
             log.info("client disconnected; upstream stream cancelled")
             return
-        yield bounded(finish())
+        yield final(finish())
     except GeneratorExit:
         # gunicorn stopped iterating: the client hung up, or a write outlasted
         # the stream's time (the socket timed out; gunicorn logs that itself).
@@ -135,7 +145,7 @@ def relay(
         if retry_after and retry_after.isdigit():
             # No header can say it any more: the event does.
             body["error"]["retry_after"] = int(retry_after)
-        yield bounded(error_event(body))
+        yield final(error_event(body))
     finally:
         stop_watching()
         upstream.close()

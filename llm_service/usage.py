@@ -163,8 +163,11 @@ class MeteredStream:
     """A stream's body passed on as it is, counted on the way; finished once.
 
     Flask runs teardown functions when the view returns, before a stream is
-    sent, and again when it ends; the end of the answer is known here instead:
-    when the body is exhausted or closed (a client that hangs up included).
+    sent, and again when it ends; the end of the answer is known here instead.
+    The relay ends it (:func:`end_stream`) right before it yields the stream's
+    final event, so the client cannot read that event before the stream's
+    slot and quota are given back; a stream that never gets there (the client
+    hung up, a write failed) ends when its body is closed.
     """
 
     def __init__(
@@ -174,35 +177,68 @@ class MeteredStream:
         self._found = found
         self._finish = finish
         self._done = False
+        self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
-        found = self._found
         try:
             for chunk in self._body:
-                if chunk and not chunk.startswith(b":"):  # keep-alive comments
-                    if found.first_byte_at is None:
-                        found.first_byte_at = time.perf_counter()
-                    if _USAGE_OBJECT.search(chunk):
-                        _read_event_usage(chunk, found)
-                    if _CONTENT.search(chunk):
-                        found.chunks += 1
+                if not self._done:  # the final event was counted by end()
+                    self._count(chunk)
                 yield chunk
         finally:
             self.close()
 
-    def close(self) -> None:
+    def _count(self, chunk: bytes) -> None:
+        found = self._found
+        if chunk and not chunk.startswith(b":"):  # keep-alive comments
+            if found.first_byte_at is None:
+                found.first_byte_at = time.perf_counter()
+            if _USAGE_OBJECT.search(chunk):
+                _read_event_usage(chunk, found)
+            if _CONTENT.search(chunk):
+                found.chunks += 1
+
+    def end(self, last: bytes = b"") -> None:
+        """Finish before ``last``, the stream's final event, is sent (once)."""
         if self._done:
             return
-        self._done = True
-        # The stream's slot release (deferred by the door) and the settling
-        # go to the shared store together, before the client sees the end.
+        self._count(last)  # /llm/message's final event carries its usage
+        # The stream's slot release (deferred by the door, which the relay
+        # closed first) and the settling go to the shared store together.
+        with store.request_end():
+            self._end()
+
+    def close(self) -> None:
+        """Close the body; finish if the stream ended without its final event."""
+        if self._closed:
+            return
+        self._closed = True
         with store.request_end():
             try:
                 close = getattr(self._body, "close", None)
                 if close is not None:
                     close()
             finally:
-                self._finish()
+                self._end()
+
+    def _end(self) -> None:
+        if not self._done:
+            self._done = True
+            self._finish()
+
+
+def end_stream(last: bytes = b"") -> None:
+    """End this request's metered stream before ``last``, its final event, is sent.
+
+    Its usage is recorded and its quota settled, with the release its upstream
+    stream deferred (close that first), so a caller that sends its next request
+    the moment it reads ``last`` finds its concurrency unit and the slot free.
+    Called inside the stream's request context; does nothing for a request
+    that is not metered, or a stream already ended.
+    """
+    stream: MeteredStream | None = g.get("usage_stream")
+    if stream is not None:
+        stream.end(last)
 
 
 def _observe(response: Response) -> Response:
@@ -212,7 +248,9 @@ def _observe(response: Response) -> Response:
     if response.is_streamed and response.mimetype == "text/event-stream":
         found.streamed = True
         finish = _finisher(found, response.status_code)
-        response.response = MeteredStream(response.response, found, finish)
+        response.response = g.usage_stream = MeteredStream(
+            response.response, found, finish
+        )
     elif response.status_code == 200 and response.is_json:
         body = response.get_json(silent=True)
         if isinstance(body, dict):
