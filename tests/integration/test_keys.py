@@ -106,10 +106,23 @@ def database_url(request, tmp_path):
         yield postgres.url
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    """Close the test's SDK clients: an open pooled socket warns when collected."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def sdk(gateway: GatewayServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(
+    client = openai.OpenAI(
         base_url=f"{gateway.url}/v1", api_key=key, max_retries=0, timeout=30
     )
+    _clients.append(client)
+    return client
 
 
 def records(url: str) -> list:

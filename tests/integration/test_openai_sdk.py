@@ -14,9 +14,11 @@ HELLO = [{"role": "user", "content": "Hello from the SDK"}]
 @pytest.fixture(scope="module")
 def sdk(gateway):
     # max_retries=0 so the error-class tests see the gateway's first answer.
-    return openai.OpenAI(
+    # Closed at the end: an open pooled socket warns when it is collected.
+    with openai.OpenAI(
         base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=30
-    )
+    ) as client:
+        yield client
 
 
 def test_models_list(sdk):
@@ -109,10 +111,12 @@ def test_service_unavailable_error(sdk, fake):
 
 def test_rate_limit_error(fake):
     settings = {"LM_STUDIO_URL": fake.url, "RATE_LIMIT_REQUESTS": 1}
-    with GatewayServer(settings) as gateway:
-        client = openai.OpenAI(
+    with (
+        GatewayServer(settings) as gateway,
+        openai.OpenAI(
             base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0
-        )
+        ) as client,
+    ):
         client.chat.completions.create(model=MODEL, messages=HELLO)
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model=MODEL, messages=HELLO)
