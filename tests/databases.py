@@ -6,6 +6,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -134,6 +135,9 @@ class RedisServer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        """Stop it, frozen or not (a test may have sent it ``SIGSTOP``)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGCONT)
         self.process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)

@@ -75,8 +75,7 @@ def redis_server():
     """A redis-server of this test's own: it gets frozen."""
     server = RedisServer()
     yield server.process, server.url
-    server.process.send_signal(signal.SIGCONT)
-    server.stop()
+    server.stop()  # resumed first if the test left it frozen
 
 
 def _timed_post(gateway) -> tuple[int | None, float]:

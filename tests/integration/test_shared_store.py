@@ -35,8 +35,7 @@ def chat(stream: bool = False, model: str = "fake-model-1") -> dict:
 def redis_server():
     server = RedisServer()
     yield server
-    server.process.send_signal(signal.SIGCONT)
-    server.stop()
+    server.stop()  # resumed first if a test froze it
 
 
 @pytest.fixture
