@@ -115,7 +115,8 @@ class HitStatsRedisStorage(RedisStorage):
     limits' own Redis storage asks for them with two more round trips (GET,
     TTL). Here the hit's script returns both, and the thread that hit reads
     them back once, with no round trip: one trip per limited request, not
-    three. Another thread, or a second read, asks Redis as before.
+    three. Another thread, or a second read, asks Redis as before. The hit
+    takes the shared store's lean command path (:func:`store.run`).
     """
 
     STORAGE_SCHEME = ["llm-service-redis", "llm-service-rediss"]
@@ -135,7 +136,11 @@ return {current, redis.call('PTTL', KEYS[1])}
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         prefixed = self.prefixed_key(key)
-        count, ttl_ms = self._hit([prefixed], [expiry, amount])
+        # The shared store's lean path: this client shares the store's pool,
+        # and so its free list of connections (store.connections).
+        count, ttl_ms = store.run(
+            self.get_connection(), self._hit, [prefixed], [expiry, amount]
+        )
         expires_at = time.time() + max(0, int(ttl_ms)) / 1000
         self._last.hit = [prefixed, int(count), expires_at]
         return int(count)

@@ -20,10 +20,10 @@ The scopes are per thread (a request is served by one thread, its stream
 too); the request layers open and close them, this module knows no Flask
 request.
 
-The calls a request makes (quota admission, a slot lease, conversation
-affinity, the request-end trip) take the lean path: :func:`run` and
-:func:`call` send on a connection of the client's own free list
-(:class:`Connections`), a pop and an append, where redis-py's pool takes locks
+The calls a request makes (the rate limit's hit, quota admission, a slot
+lease, conversation affinity, the request-end trip) take the lean path:
+:func:`run` and :func:`call` send on a connection of the client pool's own
+free list (:class:`Connections`), a pop and an append, where redis-py's pool takes locks
 and polls the socket at every checkout and its command layers cost as much CPU
 again as the round trip.
 """
@@ -253,14 +253,19 @@ _made_lock = threading.Lock()
 
 
 def connections(client: Any) -> Connections:
-    """``client``'s own free list of connections (made on first use)."""
+    """The free list of ``client``'s pool (made on first use).
+
+    Kept on the pool, so clients that share a pool (the rate limiter's and
+    the store's) share one free list, and its bound.
+    """
+    pool = client.connection_pool
     try:
-        return client._lean_connections
+        return pool._lean_connections
     except AttributeError:
         with _made_lock:
-            if not hasattr(client, "_lean_connections"):
-                client._lean_connections = Connections(client.connection_pool)
-        return client._lean_connections
+            if not hasattr(pool, "_lean_connections"):
+                pool._lean_connections = Connections(pool)
+        return pool._lean_connections
 
 
 #: Every free list in this process, emptied in a forked child.
@@ -268,7 +273,7 @@ _every: weakref.WeakSet[Connections] = weakref.WeakSet()
 
 
 class Connections:
-    """A client's connections for the lean path: a free list of its own.
+    """A pool's connections for the lean path: a free list of its own.
 
     Connections are made as the client's pool makes them (its connection
     class and keyword arguments: the URI's host, TLS for ``rediss://``,

@@ -16,8 +16,6 @@ from typing import Any
 
 import backoff
 import requests
-from requests.cookies import RequestsCookieJar
-from requests.hooks import default_hooks
 from requests.models import complexjson
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
@@ -43,7 +41,8 @@ from .errors import (
     safe_excerpt,
 )
 from .stream import UpstreamStream
-from .watchdog import CANCELLED, CallScope, ScopedAdapter
+from .transport import LeanAdapter
+from .watchdog import CANCELLED, CallScope
 
 log = logging.getLogger("llm_service.lmstudio")
 
@@ -246,11 +245,12 @@ class LMStudioClient:
         self.session.proxies.update(settings["proxies"])
         self.session.verify = settings["verify"]
         # max_retries=0: backoff below is the only retry layer.
-        adapter = ScopedAdapter(
+        #: Every call goes straight to this adapter (see _send).
+        self.adapter = LeanAdapter(
             pool_connections=2, pool_maxsize=pool_size, max_retries=0
         )
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session.mount("http://", self.adapter)
+        self.session.mount("https://", self.adapter)
         #: Each path's URL, checked and quoted once (see _prepare).
         self._urls: dict[str, str] = {}
         self.session.headers["User-Agent"] = "llm-service"
@@ -685,6 +685,9 @@ class LMStudioClient:
             connect = min(connect, remaining)
             if not stream:
                 read = min(read, remaining)
+        # A read cut to what is left of the budget that then times out ran out
+        # of the budget, just as when the scope's deadline wins that race.
+        budget_bound = read < read_timeout
         headers = dict(self.extra_headers()) if self.extra_headers else {}
         if correlation_id:
             headers["X-Correlation-ID"] = correlation_id
@@ -697,9 +700,12 @@ class LMStudioClient:
             self._track_generation(1)
         try:
             with scope.active():
-                response = self.session.send(
+                # The adapter itself, not Session.send: that one would only
+                # time the call, run no hooks, follow no redirect (never
+                # followed here, see _prepare) and keep the upstream's cookies
+                # in the session's jar (never sent again either).
+                response = self.adapter.send(
                     self._prepare(method, path, json, headers),
-                    allow_redirects=False,
                     stream=True,
                     timeout=(connect, read),
                     verify=self.session.verify,
@@ -713,6 +719,8 @@ class LMStudioClient:
                 self._observe(None)
             if scope.ended:
                 raise self._ended_error(scope, stream) from err
+            if budget_bound and _read_timed_out(err):
+                raise self._budget_timeout() from err
             raise self._transport_error(err, connect, read, stream) from err
         finally:
             if generation:
@@ -751,10 +759,6 @@ class LMStudioClient:
         prepared.url = url
         prepared.headers = self.session.headers.copy()
         prepared.headers.update(headers)
-        prepared.hooks = default_hooks()
-        # Empty, and never filled from the session's jar (see above); requests
-        # reads it when it looks at a redirect it will not follow.
-        prepared._cookies = RequestsCookieJar()
         if payload is None:
             if method not in ("GET", "HEAD"):
                 prepared.headers["Content-Length"] = "0"
@@ -809,11 +813,7 @@ class LMStudioClient:
             return LMStudioConnectTimeoutError(
                 f"Timed out connecting to the upstream after {connect:g} s."
             )
-        read_timed_out = isinstance(error, requests.ReadTimeout) or (
-            isinstance(error, requests.ConnectionError)
-            and error.args
-            and isinstance(error.args[0], ReadTimeoutError)
-        )
+        read_timed_out = _read_timed_out(error)
         if read_timed_out and stream:
             return self._first_token_timeout(read)
         if isinstance(error, requests.ReadTimeout):
@@ -845,6 +845,9 @@ class LMStudioClient:
             )
         if stream and scope.sent_at is not None and scope.after_send is not None:
             return self._first_token_timeout(scope.after_send)
+        return self._budget_timeout()
+
+    def _budget_timeout(self) -> LMStudioTimeoutError:
         return LMStudioTimeoutError(
             f"The upstream did not finish its answer within the call's "
             f"{self.retry_budget:g} s budget."
@@ -1041,6 +1044,15 @@ def _stream_call(
 def describe(error: LMStudioError) -> str:
     """Say in one line what went wrong (see :func:`.diagnosis.explain`)."""
     return explain(error)
+
+
+def _read_timed_out(error: requests.RequestException) -> bool:
+    """True when a read waited past its timeout (however requests wraps it)."""
+    return isinstance(error, requests.ReadTimeout) or bool(
+        isinstance(error, requests.ConnectionError)
+        and error.args
+        and isinstance(error.args[0], ReadTimeoutError)
+    )
 
 
 def _is_handler_exception(body: Any) -> bool:

@@ -185,13 +185,13 @@ def test_every_attempt_has_timeouts(upstream):
     upstream.post(CHAT, json=chat_completion())
     seen = {}
 
-    original = lm.session.send
+    original = lm.adapter.send
 
     def spy(*args, **kwargs):
         seen["timeout"] = kwargs["timeout"]
         return original(*args, **kwargs)
 
-    lm.session.send = spy
+    lm.adapter.send = spy
     lm.chat_completion(PAYLOAD)
     assert seen["timeout"] == (1.5, 7)
 
@@ -204,13 +204,13 @@ def test_budget_bounds_the_last_attempts_timeout(upstream, monkeypatch):
         "llm_service.lmstudio.client.time.monotonic", lambda: next(clock)
     )
     seen = {}
-    original = lm.session.send
+    original = lm.adapter.send
 
     def spy(*args, **kwargs):
         seen["timeout"] = kwargs["timeout"]
         return original(*args, **kwargs)
 
-    lm.session.send = spy
+    lm.adapter.send = spy
     upstream.post(CHAT, json=chat_completion())
     lm.chat_completion(PAYLOAD)
     assert seen["timeout"] == (1.0, 1.0)

@@ -482,3 +482,26 @@ def test_conversation_affinity_takes_the_lean_path(redis_server, monkeypatch):
         assert one.get("later") == "host-a"  # its own map
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
+
+
+def test_the_rate_limits_hit_takes_the_lean_path_of_the_shared_pool(
+    redis_server, monkeypatch
+):
+    """The limiter's client shares the store's pool, and so its free list."""
+    from llm_service import create_app, limits
+
+    def refused(*args, **kwargs):
+        raise AssertionError("redis-py's checkout (a lock, a poll) on the hot path")
+
+    app = create_app({"TESTING": True, "RATE_LIMIT_STORAGE_URI": redis_server.url})
+    storage = app.extensions[limits.EXTENSION]._storage
+    shared = store.connections(store.redis_for(app))
+    assert store.connections(storage.get_connection()) is shared
+    monkeypatch.setattr(redis.connection.AbstractConnection, "can_read", refused)
+    monkeypatch.setattr(redis.ConnectionPool, "get_connection", refused)
+    key = f"lean-{os.getpid()}-{time.monotonic_ns()}"
+    assert [storage.incr(key, 60) for _ in range(3)] == [1, 2, 3]
+    assert storage.get(key) == 3  # read back from the hit: no trip
+    assert shared.made == 1
+    while shared.free:
+        shared.drop(shared.free.pop())

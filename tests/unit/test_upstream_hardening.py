@@ -275,6 +275,18 @@ def test_budget_ends_a_call_whose_reads_never_time_out(silent):
     assert time.monotonic() - started < 2
 
 
+def test_a_read_cut_short_by_the_budget_says_so(silent, monkeypatch):
+    """The socket's own timeout, cut to what is left of the budget, may fire
+    before the scope's deadline: the caller hears the same "budget" either way."""
+    from llm_service.lmstudio import LMStudioTimeoutError
+
+    # Without a scope deadline only the read timeout (cut to 0.3 s) can fire.
+    monkeypatch.setattr(CallScope, "set_deadline", lambda self, deadline: None)
+    lm = LMStudioClient(silent.url, read_timeout=10, retry_budget=0.3, retries=0)
+    with pytest.raises(LMStudioTimeoutError, match=r"0\.3 s budget"):
+        lm.get_json("/v1/models")
+
+
 def test_the_watchdog_is_woken_only_for_a_new_earliest_deadline():
     """Most calls end after one already watched: waking the thread for each cost
     every request a thread switch (and the GIL) for nothing."""
