@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, g
+from flask import Blueprint, Response, g
 
 from .auth import visible_models
 from .lmstudio.sse import SSEEvent
 from .openapi import STREAMED_ERRORS, UPSTREAM_ERRORS, UPSTREAM_FAILURES, documented
+from .relayed import relay_json
 from .schemas import (
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
@@ -64,9 +65,9 @@ def _done() -> bytes:
     return comment + DONE
 
 
-def _post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _post(path: str, payload: dict[str, Any]) -> dict[str, Any] | Response:
     """Relay a non-streamed call; the upstream's object is answered as it is."""
-    return get_upstream().post_json(path, payload)
+    return relay_json(get_upstream().post_json(path, payload))
 
 
 @bp.get("/models")

@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 from . import db, store
 from .ids import new_uuid
 from .models import UsageRecord, utcnow
+from .relayed import answer_of
 
 log = logging.getLogger("llm_service.usage")
 
@@ -252,7 +253,9 @@ def _observe(response: Response) -> Response:
             response.response, found, finish
         )
     elif response.status_code == 200 and response.is_json:
-        body = response.get_json(silent=True)
+        body = answer_of(response)
+        if body is None:
+            body = response.get_json(silent=True)
         if isinstance(body, dict):
             found.take_usage(body.get("usage"))
             if found.model is None and isinstance(body.get("model"), str):

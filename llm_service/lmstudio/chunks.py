@@ -21,6 +21,22 @@ from .sse import SSEEvent
 BODY_EXCERPT = 300
 
 
+class UpstreamObject(dict):
+    """An upstream's JSON object, with the bytes it came in.
+
+    ``raw`` is those bytes when they can be relayed as they are (UTF-8 JSON,
+    an object), else None. Whoever changes the object must not relay ``raw``.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, parsed: dict[str, Any], raw: bytes) -> None:
+        super().__init__(parsed)
+        # UTF-8 (no byte-order mark, no UTF-16/32): what a JSON answer is
+        # read as. Anything else is encoded again by whoever answers it.
+        self.raw = raw if raw.lstrip()[:1] == b"{" else None
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts the upstream reported for one completion."""

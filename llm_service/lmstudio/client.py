@@ -19,7 +19,14 @@ import requests
 from requests.models import complexjson
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
-from .chunks import BODY_EXCERPT, ChatResult, Usage, parse_usage, read_chat_completion
+from .chunks import (
+    BODY_EXCERPT,
+    ChatResult,
+    UpstreamObject,
+    Usage,
+    parse_usage,
+    read_chat_completion,
+)
 from .diagnosis import explain
 from .errors import (
     LMStudioAuthError,
@@ -910,7 +917,7 @@ class LMStudioClient:
                 # A web page where the API should be: another web server.
                 cause="not_openai" if "html" in content_type else None,
             )
-        return body, request_id
+        return UpstreamObject(body, response.content), request_id
 
     @staticmethod
     def _status_error(
