@@ -24,6 +24,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         logs,
         metrics,
         pipeline,
+        schemas,
         store,
         tracing,
         upstreams,
@@ -38,6 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from . import auth, db, quotas, usage
 
     logs.init_app(app)
+    schemas.init_app(app)
     store.init_app(app)
     limits.init_app(app)
     pipeline.init_app(app)

@@ -5,11 +5,11 @@ The same schemas validate input and describe the API, so the two cannot drift.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
-from flask import current_app, request
+from flask import Flask, current_app, request
+from flask.json.provider import DefaultJSONProvider
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
@@ -310,11 +310,9 @@ def load_json_body(schema: Schema) -> dict[str, Any]:
     if not request.is_json:
         request.on_json_loading_failed(None)  # raises Flask's 415
     try:
-        body = json.loads(
-            request.get_data(cache=True),
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-        )
+        # Parsed once per request: auth and metering read the same (cached)
+        # body, through the app's StrictJSONProvider.
+        body = request.get_json()
     except (BadRequest, ValueError):  # JSONDecodeError and UnicodeError too
         raise APIError(
             400,
@@ -326,6 +324,21 @@ def load_json_body(schema: Schema) -> dict[str, Any]:
             400, "invalid_json", "The JSON body is nested too deeply."
         ) from None
     return schema.load(body)
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, reading standard JSON only: no ``NaN``, ``Infinity`` or
+    numbers too large for a float (``1e400``)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        kwargs.setdefault("parse_constant", _refuse_constant)
+        kwargs.setdefault("parse_float", _finite_float)
+        return super().loads(s, **kwargs)
+
+
+def init_app(app: Flask) -> None:
+    """Read every request body with :class:`StrictJSONProvider`."""
+    app.json = StrictJSONProvider(app)
 
 
 def _refuse_constant(name: str) -> Any:

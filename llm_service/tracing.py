@@ -215,7 +215,9 @@ def init_app(app: Flask) -> None:
     hooks = app.before_request_funcs.setdefault(None, [])
     hooks.insert(1 if otel else 0, _start_trace_with(otel))
     # With OpenTelemetry the requests instrumentation sends the call's own span.
-    if not otel:
+    if otel:
+        app.extensions[UPSTREAM].send_through_sessions()
+    else:
         app.extensions[UPSTREAM].send_headers(outgoing_headers)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import backoff
 import requests
+from requests.cookies import RequestsCookieJar
 from requests.models import complexjson
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
@@ -252,7 +253,9 @@ class LMStudioClient:
         self.session.proxies.update(settings["proxies"])
         self.session.verify = settings["verify"]
         # max_retries=0: backoff below is the only retry layer.
-        #: Every call goes straight to this adapter (see _send).
+        #: Every call goes straight to this adapter (see _deliver), unless
+        #: ``through_session`` (OpenTelemetry's spans) says otherwise.
+        self.through_session = False
         self.adapter = LeanAdapter(
             pool_connections=2, pool_maxsize=pool_size, max_retries=0
         )
@@ -707,16 +710,8 @@ class LMStudioClient:
             self._track_generation(1)
         try:
             with scope.active():
-                # The adapter itself, not Session.send: that one would only
-                # time the call, run no hooks, follow no redirect (never
-                # followed here, see _prepare) and keep the upstream's cookies
-                # in the session's jar (never sent again either).
-                response = self.adapter.send(
-                    self._prepare(method, path, json, headers),
-                    stream=True,
-                    timeout=(connect, read),
-                    verify=self.session.verify,
-                    proxies=self.session.proxies,
+                response = self._deliver(
+                    self._prepare(method, path, json, headers), (connect, read)
                 )
                 # Read here, in bounded pieces and under the scope's watch, so
                 # a failure half-way is translated like any other.
@@ -743,6 +738,30 @@ class LMStudioClient:
         if not fits:
             raise self._too_large(response)
         return response
+
+    def _deliver(
+        self, prepared: requests.PreparedRequest, timeout: tuple[float, float]
+    ) -> requests.Response:
+        """Send ``prepared`` with its answer's body left to read.
+
+        Straight to the adapter: Session.send would only time the call, run
+        no hooks, follow no redirect (never followed, see :meth:`_prepare`)
+        and keep the upstream's cookies in the session's jar (never sent
+        again either). Through the session when :attr:`through_session` says
+        so: that is where the OpenTelemetry requests instrumentation sees it.
+        """
+        options = {
+            "stream": True,
+            "timeout": timeout,
+            "verify": self.session.verify,
+            "proxies": self.session.proxies,
+        }
+        if not self.through_session:
+            return self.adapter.send(prepared, **options)
+        # Session.send reads the request's jar when it looks at a redirect
+        # it will not follow: an empty one, never filled from the session's.
+        prepared._cookies = RequestsCookieJar()
+        return self.session.send(prepared, allow_redirects=False, **options)
 
     def _prepare(
         self, method: str, path: str, payload: Any, headers: Mapping[str, str]

@@ -138,6 +138,12 @@ class Upstream:
         for host in self.hosts:
             host.client.extra_headers = hook
 
+    def send_through_sessions(self) -> None:
+        """Send every call through its client's requests session (where the
+        OpenTelemetry requests instrumentation makes its span)."""
+        for host in self.hosts:
+            host.client.through_session = True
+
     # -- requests ------------------------------------------------------------
 
     def request_defaults(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -64,3 +64,29 @@ def test_usage_is_read_from_the_parsed_answer_not_parsed_again(
     (record,) = records(database)
     assert (record["prompt_tokens"], record["completion_tokens"]) == (5, 2)
     assert record["model"] == "qwen-7b"
+
+
+def test_the_request_body_is_parsed_once(app_factory, tmp_path, upstream, monkeypatch):
+    """Auth, metering and validation read one parse of the body."""
+    app = app_factory(DATABASE_URL=f"sqlite:///{tmp_path}/usage.db")
+    key = create_key(app)
+    body = json.dumps(HELLO).encode()
+    parsed = []
+    loads = json.loads
+
+    def counting(s, *args, **kwargs):
+        if s == body:
+            parsed.append(kwargs)
+        return loads(s, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    upstream.post(CHAT, body=UPSTREAM_BYTES, content_type="application/json")
+    response = app.test_client().post(
+        "/v1/chat/completions",
+        data=body,
+        content_type="application/json",
+        headers=bearer(key),
+    )
+    assert response.status_code == 200
+    assert len(parsed) == 1
+    assert "parse_constant" in parsed[0]  # standard JSON only (no NaN)

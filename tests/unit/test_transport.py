@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llm_service.lmstudio import LMStudioClient
+from llm_service.lmstudio import LMStudioClient, LMStudioProtocolError
 from llm_service.lmstudio.transport import CACHE_ENTRIES, LeanAdapter
 
 
@@ -19,6 +19,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.seen.append(
             {"cookie": self.headers.get("Cookie"), "port": self.client_address[1]}
         )
+        if self.path == "/v1/moved":
+            self.send_response(302)
+            self.send_header("Location", "/v1/models")
+            self.send_header("Set-Cookie", "session=caller-a; Path=/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = json.dumps({"data": [{"id": "m"}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -106,3 +113,17 @@ def test_the_caches_stay_bounded():
         request = requests.Request("GET", f"http://upstream.test/{n}").prepare()
         adapter.request_url(request, {})
     assert len(adapter._targets) <= CACHE_ENTRIES
+
+
+@pytest.mark.parametrize("through_session", [False, True])
+def test_a_redirect_is_refused_either_way(server, through_session):
+    """Through the session (OpenTelemetry's spans) or not: never followed."""
+    lm = LMStudioClient(_url(server), retries=0)
+    lm.through_session = through_session
+    try:
+        with pytest.raises(LMStudioProtocolError, match="redirected"):
+            lm.get_json("/v1/moved")
+        assert lm.list_models() == ["m"]
+    finally:
+        lm.close()
+    assert [seen["cookie"] for seen in server.seen] == [None, None]
