@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask
 
 __version__ = "0.1.0"
+
+
+class Gateway(Flask):
+    """Flask, remembering which of its hooks and views are plain functions.
+
+    Flask asks ``inspect`` whether each hook and view is a coroutine function
+    every time it runs one: some twenty times a request here, all with the
+    same answer. The answer is kept per callable (a bounded few; anything past
+    :attr:`SYNC_KEPT` is asked about each time, as Flask does).
+    """
+
+    SYNC_KEPT = 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_kept: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            return self._sync_kept[func]
+        except KeyError:
+            sync = super().ensure_sync(func)
+        except TypeError:  # an unhashable callable
+            return super().ensure_sync(func)
+        if len(self._sync_kept) < self.SYNC_KEPT:
+            self._sync_kept[func] = sync
+        return sync
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -30,7 +57,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         upstreams,
     )
 
-    app = Flask(
+    app = Gateway(
         __name__, instance_path=config.instance_path(), instance_relative_config=True
     )
     # Tests never read a developer's instance/config.py.
