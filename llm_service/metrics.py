@@ -25,6 +25,8 @@ host gauges (:func:`refresh_upstream_state`). What other parts may use:
 
 - ``metric(name)`` returns the metric of that name in :data:`SPECS`
   (``metric("queue_depth").labels(host="a").inc()``), created on first use;
+  ``child(name, *values)`` its child for these label values (in the order of
+  the spec's labels), kept for the next time (``child("queue_depth", "a")``);
 - ``REJECTION_CODES`` and ``AUTH_FAILURE_CODES``: error codes counted as limit
   rejections and failed authentications when a response carries them;
 - ``hooks.caller_label``: returns the calling key's name (``tokens_total``'s
@@ -230,6 +232,22 @@ def metric(name: str) -> Any:
         return _created[name]
 
 
+_children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+
+def child(name: str, *values: str) -> Any:
+    """The child of metric ``name`` for label ``values`` (in its spec's order).
+
+    Kept once made: ``labels()`` sorts and checks the names and takes a lock
+    on every call. Label values are bounded (see above), so this is too.
+    """
+    key = (name, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric(name).labels(*values)
+    return found
+
+
 def _default_known_models() -> Iterable[str]:
     return ()
 
@@ -311,15 +329,16 @@ class ModelLabels:
             return OTHER_MODEL
         if model in self._known:
             return model
-        path = self._path()
         now = time.monotonic()
-        if path and now - self._checked_at >= self.CHECK_SECONDS:
+        if now - self._checked_at >= self.CHECK_SECONDS:
             self._checked_at = now
-            self._reload(path)
-            if model in self._known:
-                return model
+            path = self._path()
+            if path:
+                self._reload(path)
+                if model in self._known:
+                    return model
         # Whatever a later discovery knows (several hosts) counts too.
-        if model in set(hooks.known_models()):
+        if model in hooks.known_models():
             self.learn([model])
             return model
         return OTHER_MODEL
@@ -328,7 +347,7 @@ class ModelLabels:
 model_labels = ModelLabels()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     """What the hooks note about one request (kept on ``g``)."""
 
@@ -348,11 +367,15 @@ class UpstreamObserver(CallObserver):
 
     def __init__(self, host: str) -> None:
         self.host = host
-        self._in_flight = metric("upstream_in_flight").labels(host=host)
-        self._retries = metric("upstream_retries_total").labels(host=host)
-        self._errors = metric("upstream_errors_total")
-        self._duration = metric("upstream_request_duration_seconds")
-        self._first_token = metric("upstream_time_to_first_token_seconds")
+        self._in_flight = child("upstream_in_flight", host)
+        self._retries = child("upstream_retries_total", host)
+        # Made now, as before their first sample: a scrape lists them already.
+        for name in (
+            "upstream_errors_total",
+            "upstream_request_duration_seconds",
+            "upstream_time_to_first_token_seconds",
+        ):
+            metric(name)
 
     def call_started(self, stream: bool) -> None:
         self._in_flight.inc()
@@ -363,19 +386,20 @@ class UpstreamObserver(CallObserver):
 
     def retrying(self, error: LMStudioError) -> None:
         self._retries.inc()
-        self._errors.labels(host=self.host, cause=error.cause).inc()
+        child("upstream_errors_total", self.host, error.cause).inc()
 
     def call_finished(self, call: CallRecord) -> None:
         self._in_flight.dec()
-        model = model_labels(call.model)
+        host, model = self.host, model_labels(call.model)
         if call.error is not None:
-            self._errors.labels(host=self.host, cause=call.error.cause).inc()
+            child("upstream_errors_total", host, call.error.cause).inc()
         if not call.cancelled:
-            self._duration.labels(
-                host=self.host, model=model, stream=str(call.stream).lower()
-            ).observe(call.seconds)
+            stream = "true" if call.stream else "false"
+            child("upstream_request_duration_seconds", host, model, stream).observe(
+                call.seconds
+            )
         if call.first_token_seconds is not None:
-            self._first_token.labels(host=self.host, model=model).observe(
+            child("upstream_time_to_first_token_seconds", host, model).observe(
                 call.first_token_seconds
             )
         key = None
@@ -386,14 +410,9 @@ class UpstreamObserver(CallObserver):
                 state.pending_calls -= 1
             key = hooks.caller_label()
         if call.usage is not None:
-            tokens = metric("tokens_total")
             key = key or ANONYMOUS
-            tokens.labels(model=model, direction="prompt", key=key).inc(
-                call.usage.prompt
-            )
-            tokens.labels(model=model, direction="completion", key=key).inc(
-                call.usage.completion
-            )
+            child("tokens_total", model, "prompt", key).inc(call.usage.prompt)
+            child("tokens_total", model, "completion", key).inc(call.usage.completion)
 
     def models_listed(self, models: Iterable[str]) -> None:
         model_labels.learn(models)
@@ -412,17 +431,19 @@ def _start() -> None:
 
 def _after(response: Response) -> Response:
     """Note a streamed answer; count error codes of the others."""
-    state = g.get("metrics")
-    if state is not None and response.is_streamed:
-        # Flask runs teardown when the view returns and again after the
-        # stream; the request is done only when the server closes the body.
-        state.streamed = True
-        state.queue_seconds = g.get("queue_time") or 0.0
-        app = current_app._get_current_object()
-        route, method = route_label(), request.method
-        status = response.status_code
-        response.call_on_close(lambda: _done(app, state, route, method, status))
-        return response
+    if response.is_streamed:
+        context = g._get_current_object()
+        state = context.get("metrics")
+        if state is not None:
+            # Flask runs teardown when the view returns and again after the
+            # stream; the request is done only when the server closes the body.
+            state.streamed = True
+            state.queue_seconds = context.get("queue_time") or 0.0
+            app = current_app._get_current_object()
+            route, method = route_label(), request.method
+            status = response.status_code
+            response.call_on_close(lambda: _done(app, state, route, method, status))
+            return response
     return _count_error_code(response)
 
 
@@ -434,24 +455,27 @@ def _count_error_code(response: Response) -> Response:
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     if code in REJECTION_CODES:
-        metric("limit_rejections_total").labels(kind=code).inc()
+        child("limit_rejections_total", code).inc()
     elif code in AUTH_FAILURE_CODES:
-        metric("auth_failures_total").labels(kind=code).inc()
+        child("auth_failures_total", code).inc()
     return response
 
 
 def _finish(_error: BaseException | None) -> None:
-    state = g.get("metrics")
+    context = g._get_current_object()
+    state = context.get("metrics")
     if state is None or state.streamed:
         return
-    g.pop("metrics")
-    state.queue_seconds = g.get("queue_time") or 0.0
+    del context.metrics
+    state.queue_seconds = context.get("queue_time") or 0.0
+    current = request._get_current_object()
+    rule = current.url_rule
     _done(
         current_app._get_current_object(),
         state,
-        route_label(),
-        request.method,
-        g.get("response_status", 500),
+        rule.rule if rule is not None else UNMATCHED_ROUTE,
+        current.method,
+        context.get("response_status", 500),
     )
 
 
@@ -462,17 +486,13 @@ def _done(app: Flask, state: _Request, route: str, method: str, status: int) -> 
     state.done = True
     elapsed = time.perf_counter() - state.started
     metric("requests_in_flight").dec()
-    metric("requests_total").labels(
-        route=route, method=method, status_class=f"{status // 100}xx"
-    ).inc()
-    metric("request_duration_seconds").labels(route=route).observe(elapsed)
+    child("requests_total", route, method, f"{status // 100}xx").inc()
+    child("request_duration_seconds", route).observe(elapsed)
     if state.pending_calls == 0:
         # A stream cancelled from another thread is not timed here: its
         # upstream time is unknown to this request.
         waited = state.upstream_seconds + state.queue_seconds
-        metric("gateway_overhead_seconds").labels(route=route).observe(
-            max(0.0, elapsed - waited)
-        )
+        child("gateway_overhead_seconds", route).observe(max(0.0, elapsed - waited))
     app.extensions[EXTENSION].window.record(elapsed, status >= 500)
 
 
@@ -574,14 +594,15 @@ class Metrics:
 def _observe_admission(upstream: Any) -> None:
     """Feed the queue's metrics (this process's requests waiting, and waits)."""
     labels = {h.slot_key: host_label(h.client.base_url) for h in upstream.hosts}
-    depth, wait = metric("queue_depth"), metric("queue_wait_seconds")
     failovers = metric("upstream_failovers_total")
+    for name in ("queue_depth", "queue_wait_seconds"):
+        metric(name)  # listed by a scrape before their first sample, as ever
 
     def depth_changed(key: str, waiting: int) -> None:
-        depth.labels(host=labels.get(key, key)).set(waiting)
+        child("queue_depth", labels.get(key, key)).set(waiting)
 
     def admitted(key: str, waited: float) -> None:
-        wait.labels(host=labels.get(key, key)).observe(waited)
+        child("queue_wait_seconds", labels.get(key, key)).observe(waited)
 
     upstream.admission.on_depth = depth_changed
     upstream.admission.on_admitted = admitted

@@ -396,3 +396,13 @@ def test_the_usage_buffer_feeds_its_depth_and_drops(app_factory, fake, tmp_path)
         usage_log.put(dict(record, id="y" * 32), engine)  # the buffer is full
     usage_log.stop()
     assert value("usage_records_dropped_total") == dropped + 1
+
+
+def test_a_child_is_made_once_and_is_the_labelled_metric():
+    depth = metrics.child("queue_depth", "child-host")
+    assert depth is metrics.child("queue_depth", "child-host")
+    assert depth is metrics.metric("queue_depth").labels(host="child-host")
+    tokens = metrics.child("tokens_total", "m", "prompt", "k")
+    assert tokens is metrics.metric("tokens_total").labels(
+        model="m", direction="prompt", key="k"
+    )

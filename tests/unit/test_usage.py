@@ -180,3 +180,119 @@ def test_the_writer_wakes_for_every_record(tmp_path, app_factory):
         assert buffer.stats()["written"] == 2
     finally:
         buffer.stop()
+
+
+@pytest.mark.parametrize("relayed", [True, False])
+def test_a_relayed_answer_is_read_without_parsing_the_body(
+    app_factory, database, upstream, monkeypatch, relayed
+):
+    """A relayed answer carries its parsed object; any other is parsed once."""
+    from types import SimpleNamespace
+
+    from llm_service import openai_api
+
+    # The body names no model (the default is asked for): the answer's counts.
+    app = app_factory(
+        DATABASE_URL=database, USAGE_FLUSH_SECONDS=0.05, DEFAULT_MODEL="qwen-7b"
+    )
+    if not relayed:  # encoded again by Flask, as a view's plain dict is
+        post = openai_api._post
+        monkeypatch.setattr(openai_api, "_post", lambda *a: dict(post(*a).answer))
+    parses = []
+
+    def loads(data):
+        parses.append(data)
+        return json.loads(data)
+
+    monkeypatch.setattr(usage, "json", SimpleNamespace(loads=loads))
+    get_json = app.response_class.get_json
+    monkeypatch.setattr(
+        app.response_class,
+        "get_json",
+        lambda self, *a, **k: parses.append(self) or get_json(self, *a, **k),
+    )
+    key = create_key(app)
+    upstream.post(CHAT, json={**COMPLETION, "model": "qwen-7b-q4"})
+    body = {"messages": HELLO["messages"]}
+    response = app.test_client().post(
+        "/v1/chat/completions", json=body, headers=bearer(key)
+    )
+    assert response.status_code == 200
+    assert len(parses) == (0 if relayed else 1)
+    assert app.extensions[usage.EXTENSION].flush(5)
+    (record,) = records(database)
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (5, 2)
+    assert not record["usage_estimated"]
+    assert record["model"] == "qwen-7b-q4"
+
+
+def test_a_relayed_answer_not_sent_counts_nothing(app):
+    """Only a 200 JSON answer going out as it is has its usage read."""
+    with app.test_request_context("/v1/chat/completions", method="POST", json=HELLO):
+        found = usage.meter()
+        error = app.response_class("{}", status=502, mimetype="application/json")
+        usage._observe(error)
+    assert found.prompt_tokens is None
+    assert found.measured() == (0, 0, False)
+
+
+def test_record_ids_are_version_7_uuids_in_time_order(monkeypatch):
+    """Time-ordered ids go in at the end of the table's index, not all over it."""
+    import uuid
+
+    ids = [usage.new_record_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids[:10]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert value == parsed.hex  # 32 hex digits, as the column holds
+    now = time.time_ns()
+    monkeypatch.setattr(usage.time, "time_ns", lambda: now + 1_000_000)
+    later = usage.new_record_id()
+    assert later > max(ids)
+    assert int(later[:12], 16) == now // 1_000_000 + 1
+
+
+def test_a_batch_written_twice_is_stored_once_with_its_values(tmp_path, app_factory):
+    from llm_service import db
+
+    app = app_factory(DATABASE_URL=f"sqlite:///{tmp_path}/w.db")
+    db.prepare(app)
+    with app.app_context():
+        engine = db.engine()
+    row = {
+        "id": usage.new_record_id(),
+        "created_at": datetime(2025, 1, 31, 17, 3, 12, 345678),
+        "key_id": 7,
+        "key_name": "alice",
+        "route": "openai.chat_completions",
+        "model": "qwen-7b",
+        "upstream": "default",
+        "status": 200,
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "usage_estimated": True,
+        "latency_ms": 12.345,
+        "ttft_ms": None,
+        "correlation_id": "req-1",
+    }
+    # A row without the columns that have defaults gets those defaults.
+    bare = {
+        key: value
+        for key, value in row.items()
+        if key not in ("prompt_tokens", "completion_tokens", "usage_estimated")
+    }
+    bare["id"] = usage.new_record_id()
+    usage.write_records(engine, [row, bare])
+    usage.write_records(engine, [row, bare])
+    stored = {record["id"]: record for record in records(f"sqlite:///{tmp_path}/w.db")}
+    assert len(stored) == 2
+    first = stored[row["id"]]
+    assert first == {
+        **row,
+        "created_at": "2025-01-31 17:03:12.345678",
+        "usage_estimated": 1,
+    }
+    second = stored[bare["id"]]
+    assert (second["prompt_tokens"], second["completion_tokens"]) == (0, 0)
+    assert second["usage_estimated"] == 0
