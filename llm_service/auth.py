@@ -494,9 +494,19 @@ def _enforce() -> None:
         check_model(found.caller, requested_model())
 
 
+def _caller_label() -> str | None:
+    """The calling key's name for the metrics' ``key`` label (None: anonymous)."""
+    caller = g.get("caller")
+    return None if caller is None or caller.anonymous else caller.name
+
+
 def init_app(app: Flask) -> None:
     """Identify callers before the per-address limit, enforce keys after it."""
+    from . import metrics
+
     app.extensions[EXTENSION] = KeyCache(app.config["AUTH_CACHE_SECONDS"])
+    # tokens_total counts per key name (README, "Monitoring").
+    metrics.hooks.caller_label = _caller_label
     for limiter in app.extensions.get("limiter", ()):
         limiter.request_filter(_exempt_from_address_limit)
     app.before_request(_enforce)

@@ -40,6 +40,28 @@ def host_of(app) -> str:
     return app.extensions[metrics.EXTENSION].host
 
 
+def test_a_keyed_callers_tokens_count_under_its_keys_name(app_factory, fake, tmp_path):
+    """tokens_total's ``key`` label is the API key's name (README, Monitoring)."""
+    from tests.unit.test_auth import bearer, create_key
+
+    app = app_factory(
+        LM_STUDIO_URL=fake.url, DATABASE_URL=f"sqlite:///{tmp_path}/keys.db"
+    )
+    key = create_key(app)  # named "alice"
+    client = app.test_client()
+    client.get("/health")  # the probe lists the models: their names become labels
+    labels = {"model": "loaded-model", "direction": "prompt"}
+    alice, anonymous = (
+        value("tokens_total", **labels, key="alice"),
+        value("tokens_total", **labels, key="anonymous"),
+    )
+    answer = client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+    assert answer.status_code == 200
+    prompt = answer.get_json()["usage"]["prompt_tokens"]
+    assert value("tokens_total", **labels, key="alice") == alice + prompt
+    assert value("tokens_total", **labels, key="anonymous") == anonymous
+
+
 def test_requests_are_counted_by_route_template_and_status_class(gateway):
     client = gateway.test_client()
     before = value(
