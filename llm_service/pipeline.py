@@ -7,9 +7,12 @@ import re
 import time
 
 from flask import Flask, Response, g, request
+from flask.ctx import _AppCtxGlobals
+from werkzeug.datastructures import Headers
 
 from .ids import new_uuid
 from .lifecycle import ShuttingDownError, drain
+from .logs import log_fields
 
 access_log = logging.getLogger("llm_service.access")
 
@@ -28,6 +31,8 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
+#: As ``_update_headers`` takes them: added only where missing.
+_SECURITY_DEFAULTS = [(name, value, False) for name, value in SECURITY_HEADERS.items()]
 HSTS = "max-age=31536000; includeSubDomains"
 #: Identifies the gateway to whoever calls it, another llm-service included
 #: (``flask lmstudio check`` reports an upstream that answers with it).
@@ -41,15 +46,16 @@ def correlation_id() -> str:
     characters of ``[A-Za-z0-9._:-]``; anything else could forge log lines or
     headers, so it is replaced by a new UUID.
     """
-    if "correlation_id" not in g:
+    state = g._get_current_object()  # once: each use of the proxy costs
+    if "correlation_id" not in state:
         chosen = None
         for header in _INCOMING_HEADERS:
             value = request.headers.get(header)
             if value and _VALID_CORRELATION_ID.fullmatch(value):
                 chosen = value
                 break
-        g.correlation_id = chosen or str(new_uuid())
-    return g.correlation_id
+        state.correlation_id = chosen or str(new_uuid())
+    return state.correlation_id
 
 
 def _start_request() -> None:
@@ -61,29 +67,48 @@ def _start_request() -> None:
 
 
 def _finish_response(response: Response) -> Response:
-    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-    response.headers[CORRELATION_HEADER] = correlation_id()
-    response.headers["X-Process-Time"] = f"{elapsed:.6f}"
-    response.headers["Via"] = VIA
-    if "queue_time" in g:
+    state = g._get_current_object()  # once: each use of the proxy costs
+    elapsed = time.perf_counter() - state.get("started", time.perf_counter())
+    # (name, value, replace): set, or only added when missing.
+    updates = [
+        (CORRELATION_HEADER, correlation_id(), True),
+        ("X-Process-Time", f"{elapsed:.6f}", True),
+        ("Via", VIA, True),
+    ]
+    if "queue_time" in state:
         # Seconds waited for a slot of the model server (see upstreams.queueing).
-        response.headers["X-Queue-Time"] = f"{g.queue_time:.3f}"
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
+        updates.append(("X-Queue-Time", f"{state.queue_time:.3f}", True))
+    updates += _SECURITY_DEFAULTS
     if request.is_secure:
-        response.headers.setdefault("Strict-Transport-Security", HSTS)
-    if g.get("upstream_host"):
+        updates.append(("Strict-Transport-Security", HSTS, False))
+    if state.get("upstream_host"):
         # The model host that served the request (its name, never its URL).
-        response.headers[UPSTREAM_HOST_HEADER] = g.upstream_host
-    g.response_status = response.status_code
-    if response.is_streamed and "started" in g:
+        updates.append((UPSTREAM_HOST_HEADER, state.upstream_host, True))
+    _update_headers(response.headers, updates)
+    state.response_status = response.status_code
+    if response.is_streamed and "started" in state:
         # Flask runs teardown when the view returns and again when a stream
         # ends (or not at all if it is closed unstarted): a stream's record is
         # written once, when the server closes its body, with its whole time.
-        g.access_deferred = True
-        state, where = g._get_current_object(), _Where.of_request()
+        state.access_deferred = True
+        where = _Where.of_request()
         response.call_on_close(lambda: _write_access(state, where))
     return response
+
+
+def _update_headers(headers: Headers, updates: list[tuple[str, str, bool]]) -> None:
+    """Set each header, or where ``replace`` is false add it only if missing.
+
+    The same headers, in the same order, as ``headers.set`` and
+    ``headers.setdefault`` one at a time, in one scan of the list instead of
+    one (or two) per header.
+    """
+    present = {name.lower() for name, _ in headers}
+    for name, value, replace in updates:
+        if name.lower() not in present:
+            headers.add(name, value)
+        elif replace:
+            headers.set(name, value)
 
 
 class _Where:
@@ -93,9 +118,9 @@ class _Where:
 
     @classmethod
     def of_request(cls) -> _Where:
-        where = cls()
-        where.method, where.path = request.method, request.path
-        where.client = request.remote_addr
+        where, current = cls(), request._get_current_object()
+        where.method, where.path = current.method, current.path
+        where.client = current.remote_addr
         where.correlation_id = correlation_id()
         where.trace = g.get("trace")
         return where
@@ -103,31 +128,35 @@ class _Where:
 
 def _log_access(_error: BaseException | None) -> None:
     """Write one access record per request, after the response is complete."""
-    if "started" in g and not g.get("access_deferred"):
-        _write_access(g._get_current_object(), None)
+    state = g._get_current_object()  # once: each use of the proxy costs
+    if "started" in state and not state.get("access_deferred"):
+        _write_access(state, None)
 
 
-def _write_access(state: object, where: _Where | None) -> None:
+def _write_access(state: _AppCtxGlobals, where: _Where | None) -> None:
     """Write the record from ``state`` (the request's ``g``), once.
 
     ``where``: the request's facts, for a stream's record written after its
     context is gone (the correlation ID and trace then ride on the record).
     """
-    if getattr(state, "access_written", False):
+    if state.get("access_written"):
         return
     state.access_written = True
-    queue_time = getattr(state, "queue_time", None)
-    status = getattr(state, "response_status", 500)
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    queue_time = state.get("queue_time")
+    status = state.get("response_status", 500)
     extra = {
         "status": status,
         "duration_ms": round((time.perf_counter() - state.started) * 1000, 2),
-        "upstream_status": getattr(state, "upstream_status", None),
-        "upstream_retries": max(0, getattr(state, "upstream_attempts", 0) - 1),
-        "upstream_host": getattr(state, "upstream_host", None),
+        "upstream_status": state.get("upstream_status"),
+        "upstream_retries": max(0, state.get("upstream_attempts", 0) - 1),
+        "upstream_host": state.get("upstream_host"),
         "queue_ms": round(queue_time * 1000, 2) if queue_time is not None else None,
     }
     if where is None:
-        method, path, client = request.method, request.path, request.remote_addr
+        current = request._get_current_object()
+        method, path, client = current.method, current.path, current.remote_addr
     else:
         method, path, client = where.method, where.path, where.client
         extra["correlation_id"] = where.correlation_id
@@ -135,7 +164,7 @@ def _write_access(state: object, where: _Where | None) -> None:
             extra["trace_id"] = where.trace.trace_id
             extra["span_id"] = where.trace.span_id
     extra.update(method=method, path=path, client=client)
-    access_log.info("%s %s %s", method, path, status, extra=extra)
+    log_fields(access_log, logging.INFO, "%s %s %s", (method, path, status), extra)
 
 
 def init_app(app: Flask) -> None:

@@ -269,3 +269,69 @@ def test_a_stream_has_one_access_record_written_when_it_ends(
     # Written after the request's context is gone, still naming its request.
     assert record["correlation_id"] == response.headers["X-Correlation-ID"]
     assert record["upstream_status"] == 200
+
+
+@pytest.mark.parametrize(
+    "initial",
+    [
+        [],
+        [("Content-Type", "application/json")],
+        # Already there, some twice or in another case: set replaces the first
+        # and drops the rest; a default leaves them be.
+        [
+            ("x-correlation-id", "old"),
+            ("Content-Type", "text/plain"),
+            ("VIA", "1.0 proxy"),
+            ("Cache-Control", "max-age=60"),
+            ("X-Correlation-ID", "older"),
+            ("cache-control", "private"),
+        ],
+        [("X-Upstream-Host", "a"), ("X-Frame-Options", "SAMEORIGIN")],
+    ],
+)
+def test_headers_are_updated_as_set_and_setdefault_one_by_one(initial):
+    from werkzeug.datastructures import Headers
+
+    from llm_service.pipeline import _update_headers
+
+    updates = [
+        ("X-Correlation-ID", "c-1", True),
+        ("Via", "1.1 llm-service", True),
+        ("Cache-Control", "no-store", False),
+        ("X-Frame-Options", "DENY", False),
+        ("X-Upstream-Host", "b", True),
+    ]
+    expected = Headers(initial)
+    for name, value, replace in updates:
+        if replace:
+            expected.set(name, value)
+        else:
+            expected.setdefault(name, value)
+    updated = Headers(initial)
+    _update_headers(updated, updates)
+    assert updated.to_wsgi_list() == expected.to_wsgi_list()
+
+
+def test_pipeline_headers_keep_what_a_view_set(app_factory):
+    app = app_factory()
+
+    @app.get("/own-headers")
+    def own_headers():
+        return "", 200, {"Cache-Control": "max-age=5", "Via": "1.0 view"}
+
+    headers = app.test_client().get("/own-headers").headers
+    assert headers.getlist("Cache-Control") == ["max-age=5"]  # a default
+    assert headers.getlist("Via") == ["1.1 llm-service"]  # set
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["X-Correlation-ID"]
+
+
+@pytest.mark.parametrize(("level", "written"), [("INFO", 1), ("WARNING", 0)])
+def test_access_record_follows_the_log_level(app_factory, level, written):
+    from tests.conftest import capture_logs
+
+    app = app_factory(LOG_LEVEL=level)
+    with capture_logs() as handler:
+        app.test_client().get("/health/live")
+    access = [line for line in handler.lines if '"llm_service.access"' in line]
+    assert len(access) == written
