@@ -31,7 +31,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
-#: As ``_update_headers`` takes them: added only where missing.
+#: As ``update_headers`` takes them: added only where missing.
 _SECURITY_DEFAULTS = [(name, value, False) for name, value in SECURITY_HEADERS.items()]
 HSTS = "max-age=31536000; includeSubDomains"
 #: Identifies the gateway to whoever calls it, another llm-service included
@@ -84,7 +84,7 @@ def _finish_response(response: Response) -> Response:
     if state.get("upstream_host"):
         # The model host that served the request (its name, never its URL).
         updates.append((UPSTREAM_HOST_HEADER, state.upstream_host, True))
-    _update_headers(response.headers, updates)
+    update_headers(response.headers, updates)
     state.response_status = response.status_code
     if response.is_streamed and "started" in state:
         # Flask runs teardown when the view returns and again when a stream
@@ -96,7 +96,7 @@ def _finish_response(response: Response) -> Response:
     return response
 
 
-def _update_headers(headers: Headers, updates: list[tuple[str, str, bool]]) -> None:
+def update_headers(headers: Headers, updates: list[tuple[str, str, bool]]) -> None:
     """Set each header, or where ``replace`` is false add it only if missing.
 
     The same headers, in the same order, as ``headers.set`` and

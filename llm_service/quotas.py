@@ -38,6 +38,7 @@ from . import store
 from .auth import Caller, identity
 from .errors import APIError
 from .ids import new_uuid
+from .pipeline import update_headers
 from .usage import METERED_BLUEPRINTS, meter, usage_log
 
 log = logging.getLogger("llm_service.quotas")
@@ -477,7 +478,10 @@ def _admit() -> None:
 def _add_headers(response: Response) -> Response:
     admission: Admission | None = g.get("quota_admission")
     if admission is not None:
-        response.headers.update(_headers(admission.caller, admission.verdict))
+        headers = _headers(admission.caller, admission.verdict)
+        update_headers(
+            response.headers, [(name, value, True) for name, value in headers.items()]
+        )
     return response
 
 

@@ -292,7 +292,7 @@ def test_a_stream_has_one_access_record_written_when_it_ends(
 def test_headers_are_updated_as_set_and_setdefault_one_by_one(initial):
     from werkzeug.datastructures import Headers
 
-    from llm_service.pipeline import _update_headers
+    from llm_service.pipeline import update_headers
 
     updates = [
         ("X-Correlation-ID", "c-1", True),
@@ -308,7 +308,7 @@ def test_headers_are_updated_as_set_and_setdefault_one_by_one(initial):
         else:
             expected.setdefault(name, value)
     updated = Headers(initial)
-    _update_headers(updated, updates)
+    update_headers(updated, updates)
     assert updated.to_wsgi_list() == expected.to_wsgi_list()
 
 
