@@ -18,8 +18,22 @@ import uuid
 # A generator of our own: code that seeds the global one (a test, a library)
 # cannot make two ids alike.
 _generator = random.Random()  # noqa: S311 - unique ids, not secrets (see above)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+    _generator.seed()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_generator.seed)
+    os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """This process's id, without a system call (renewed in a forked child)."""
+    return _pid
 
 
 def random_hex(nbytes: int) -> str:

@@ -23,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .ids import process_id
+
 #: Seconds per slot, and slots kept: five minutes, and the slot being filled.
 SLOT_SECONDS = 10
 SLOTS = 31
@@ -62,14 +64,14 @@ class Window:
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = process_id()
         self._buffer: mmap.mmap | bytearray = bytearray(_SIZE)
 
     def _own_buffer(self) -> mmap.mmap | bytearray:
         """The buffer to write, opened anew in a forked child (a new file)."""
         if self.directory is None:
             return self._buffer
-        pid = os.getpid()
+        pid = process_id()
         if isinstance(self._buffer, bytearray) or pid != self._pid:
             path = os.path.join(self.directory, f"window-{pid}.bin")
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..ids import new_uuid
+from ..ids import new_uuid, process_id
 
 #: Slots of a host whose count is neither configured nor discovered.
 DEFAULT_SLOTS = 4
@@ -400,9 +399,9 @@ class Admission:
         :meth:`Ticket.wait`). Raises :class:`QueueFullError` when the queue,
         or the caller's share of it, is full: the request never waited.
         """
-        if self._attached != os.getpid():
+        if self._attached != process_id():
             # In the process that serves (a thread does not survive a fork).
-            self._attached = os.getpid()
+            self._attached = process_id()
             self.store.attach(self.poke, self.has_waiters)
         weight = min(WEIGHT_MAX, max(WEIGHT_MIN, float(weight)))
         ticket = Ticket(self, host, caller, weight)

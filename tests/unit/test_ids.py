@@ -48,6 +48,24 @@ def test_a_forked_worker_draws_its_own_ids():
     assert child != ids.random_hex(16)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_the_process_id_is_kept_and_a_forked_child_has_its_own(monkeypatch):
+    assert ids.process_id() == os.getpid()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, f"{ids.process_id()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    kept, actual = os.read(read, 64).decode().split()
+    os.close(read)
+    assert kept == actual == str(pid)
+    # No system call once kept.
+    monkeypatch.setattr(os, "getpid", lambda: pytest.fail("asked the kernel"))
+    assert ids.process_id() != int(kept)
+
+
 def test_a_request_asks_the_kernel_for_no_randomness(app_factory, fake, monkeypatch):
     """Each ``os.urandom`` call is a system call that hands the GIL over."""
     app = app_factory(LM_STUDIO_URL=fake.url)

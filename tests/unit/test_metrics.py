@@ -301,7 +301,7 @@ def test_workers_windows_are_summed(tmp_path, monkeypatch):
     """Each process writes a file of its own; a summary reads them all."""
     first, second = Window(str(tmp_path)), Window(str(tmp_path))
     first.record(0.1, error=False, now=1000.0)
-    monkeypatch.setattr("llm_service.window.os.getpid", lambda: 12345)
+    monkeypatch.setattr("llm_service.window.process_id", lambda: 12345)
     second.record(0.1, error=True, now=1001.0)
     assert "window-12345.bin" in {p.name for p in tmp_path.iterdir()}
     summary = first.summary(60, 1002.0)
