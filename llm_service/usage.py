@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
 from . import db, store
-from .ids import random_hex
+from .ids import new_uuid7_hex
 from .models import UsageRecord, utcnow
 from .relayed import answer_of
 
@@ -506,7 +506,7 @@ def _finisher(found: Meter, status: int) -> Callable[[], None]:
             ttft = round((found.first_byte_at - started) * 1000, 3)
         record = {
             **facts,
-            "id": new_record_id(),
+            "id": new_uuid7_hex(),
             "created_at": utcnow(),
             "model": found.model[:256] if found.model else None,
             "prompt_tokens": prompt,
@@ -521,23 +521,6 @@ def _finisher(found: Meter, status: int) -> Callable[[], None]:
             log.exception("could not queue a usage record")
 
     return finish
-
-
-def new_record_id() -> str:
-    """A new record's id: a version 7 UUID (RFC 9562) in hex, ordered by time.
-
-    Each record goes in at the end of the table's primary-key index: with
-    random ids, each went to another place of it, so a batch touched a page
-    of a large table per record (three times the writer's CPU per record at
-    200,000 records, and growing with the table).
-    """
-    bits = int(random_hex(10), 16)
-    # 48 bits of Unix milliseconds, version 7, 12 random bits, variant 0b10,
-    # 62 random bits.
-    return (
-        f"{time.time_ns() // 1_000_000:012x}7{bits >> 68:03x}"
-        f"{bits & (1 << 62) - 1 | 1 << 63:016x}"
-    )
 
 
 def _record(_error: BaseException | None) -> None:

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from llm_service import db, usage
+from llm_service.ids import new_uuid7_hex
 from llm_service.models import UsageRecord
 from tests.databases import PostgresServer
 
@@ -28,7 +29,7 @@ def test_a_batch_written_twice_is_stored_once_as_it_was(app_factory, database_ur
         engine = db.engine()
     rows = [
         {
-            "id": usage.new_record_id(),
+            "id": new_uuid7_hex(),
             "created_at": datetime(2025, 1, 31, 17, 3, 12, 345678),
             "key_id": 7,
             "key_name": "alice",
@@ -44,7 +45,7 @@ def test_a_batch_written_twice_is_stored_once_as_it_was(app_factory, database_ur
             "correlation_id": "req-1",
         },
         {
-            "id": usage.new_record_id(),
+            "id": new_uuid7_hex(),
             "created_at": datetime(2025, 1, 31, 17, 3, 13),
             "key_id": None,
             "key_name": None,
@@ -63,7 +64,7 @@ def test_a_batch_written_twice_is_stored_once_as_it_was(app_factory, database_ur
     try:
         usage.write_records(engine, rows)
         # The same batch again (a commit whose answer was lost), and one more row.
-        later = {**rows[1], "id": usage.new_record_id(), "correlation_id": "req-3"}
+        later = {**rows[1], "id": new_uuid7_hex(), "correlation_id": "req-3"}
         usage.write_records(engine, [*rows, later])
         table = UsageRecord.__table__
         with engine.connect() as connection:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from llm_service import usage
+from llm_service.ids import new_uuid7_hex
 from tests.conftest import UPSTREAM
 from tests.unit.test_auth import COMPLETION, HELLO, bearer, create_key
 
@@ -240,7 +241,7 @@ def test_record_ids_are_version_7_uuids_in_time_order(monkeypatch):
     """Time-ordered ids go in at the end of the table's index, not all over it."""
     import uuid
 
-    ids = [usage.new_record_id() for _ in range(1000)]
+    ids = [new_uuid7_hex() for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     for value in ids[:10]:
         parsed = uuid.UUID(value)
@@ -248,7 +249,7 @@ def test_record_ids_are_version_7_uuids_in_time_order(monkeypatch):
         assert value == parsed.hex  # 32 hex digits, as the column holds
     now = time.time_ns()
     monkeypatch.setattr(usage.time, "time_ns", lambda: now + 1_000_000)
-    later = usage.new_record_id()
+    later = new_uuid7_hex()
     assert later > max(ids)
     assert int(later[:12], 16) == now // 1_000_000 + 1
 
@@ -261,7 +262,7 @@ def test_a_batch_written_twice_is_stored_once_with_its_values(tmp_path, app_fact
     with app.app_context():
         engine = db.engine()
     row = {
-        "id": usage.new_record_id(),
+        "id": new_uuid7_hex(),
         "created_at": datetime(2025, 1, 31, 17, 3, 12, 345678),
         "key_id": 7,
         "key_name": "alice",
@@ -282,7 +283,7 @@ def test_a_batch_written_twice_is_stored_once_with_its_values(tmp_path, app_fact
         for key, value in row.items()
         if key not in ("prompt_tokens", "completion_tokens", "usage_estimated")
     }
-    bare["id"] = usage.new_record_id()
+    bare["id"] = new_uuid7_hex()
     usage.write_records(engine, [row, bare])
     usage.write_records(engine, [row, bare])
     stored = {record["id"]: record for record in records(f"sqlite:///{tmp_path}/w.db")}
