@@ -71,5 +71,22 @@ def test_a_batch_written_twice_is_stored_once_as_it_was(app_factory, database_ur
             found = connection.execute(select(table).order_by(table.c.correlation_id))
             stored = [dict(row._mapping) for row in found]
         assert stored == [*rows, later]
+        # A row without the columns that have defaults gets those defaults.
+        bare = {
+            key: value
+            for key, value in rows[0].items()
+            if key not in ("prompt_tokens", "completion_tokens", "usage_estimated")
+        }
+        bare.update(id=new_uuid7_hex(), correlation_id="req-4")
+        usage.write_records(engine, [bare])
+        with engine.connect() as connection:
+            found = connection.execute(select(table).where(table.c.id == bare["id"]))
+            (stored_bare,) = [dict(row._mapping) for row in found]
+        assert stored_bare == {
+            **bare,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "usage_estimated": False,
+        }
     finally:
         engine.dispose()  # its pooled connection, before the server goes
