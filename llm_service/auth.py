@@ -434,6 +434,11 @@ def requested_model() -> str | None:
         body = request.get_json(silent=True)
     except RecursionError:
         return None
+    return model_named(body)
+
+
+def model_named(body: Any) -> str | None:
+    """The ``model`` a parsed JSON body names: a non-empty string, else None."""
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) and model else None
 

@@ -128,6 +128,8 @@ def _text_length(value: Any, depth: int = 0) -> int:
 
 
 def _new_meter(current: Request) -> Meter:
+    from .auth import model_named
+
     posted = current.method == "POST"
     body = None
     if posted and current.is_json:
@@ -146,11 +148,7 @@ def _new_meter(current: Request) -> Meter:
         asked = body.get("max_tokens", body.get("max_completion_tokens"))
         valid = isinstance(asked, int) and not isinstance(asked, bool) and asked > 0
         max_tokens = asked if valid else current_app.config["DEFAULT_MAX_TOKENS"]
-    # The model the body names, read as auth.requested_model reads it.
-    model = body.get("model")
-    return Meter(
-        model if isinstance(model, str) and model else None, prompt, max_tokens
-    )
+    return Meter(model_named(body), prompt, max_tokens)
 
 
 def meter() -> Meter:
