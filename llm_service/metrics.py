@@ -48,6 +48,7 @@ from typing import Any
 
 from flask import (
     Flask,
+    Request,
     Response,
     abort,
     current_app,
@@ -418,9 +419,13 @@ class UpstreamObserver(CallObserver):
         model_labels.learn(models)
 
 
-def route_label() -> str:
-    """The matched URL rule's template, never the raw path."""
-    rule = request.url_rule
+def route_label(current: Request | None = None) -> str:
+    """The matched URL rule's template, never the raw path.
+
+    ``current``: the request, when the caller holds it already (the proxy
+    costs a lookup).
+    """
+    rule = (request if current is None else current).url_rule
     return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
@@ -469,11 +474,10 @@ def _finish(_error: BaseException | None) -> None:
     del context.metrics
     state.queue_seconds = context.get("queue_time") or 0.0
     current = request._get_current_object()
-    rule = current.url_rule
     _done(
         current_app._get_current_object(),
         state,
-        rule.rule if rule is not None else UNMATCHED_ROUTE,
+        route_label(current),
         current.method,
         context.get("response_status", 500),
     )
