@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.databases import PostgresServer
 from tests.fakes.lmstudio import FakeLMStudio
 from tests.servers import GatewayServer
 
@@ -59,3 +60,13 @@ def gateway(fake):
     """One gateway per module, in front of that module's fake."""
     with GatewayServer({"LM_STUDIO_URL": fake.url, **FAST_FAILURE}) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The gateway's database: a SQLite file, then a throwaway PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/gateway.db"
+        return
+    with PostgresServer() as postgres:
+        yield postgres.url

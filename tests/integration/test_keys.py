@@ -97,15 +97,6 @@ MODEL = "fake-model-1"
 HELLO = [{"role": "user", "content": "Hello from the SDK"}]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/gateway.db"
-        return
-    with PostgresServer() as postgres:
-        yield postgres.url
-
-
 _clients: list[openai.OpenAI] = []
 
 

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import pytest
 from sqlalchemy import select
 
 from llm_service import db, usage
 from llm_service.ids import new_uuid7_hex
 from llm_service.models import UsageRecord
-from tests.databases import PostgresServer
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/usage.db"
-        return
-    with PostgresServer() as postgres:
-        yield postgres.url
 
 
 def test_a_batch_written_twice_is_stored_once_as_it_was(app_factory, database_url):
