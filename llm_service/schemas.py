@@ -205,8 +205,8 @@ class NestedList(fields.List):
         result = []
         errors = {}
         for index, each in enumerate(value):
-            if each is None:
-                errors[index] = [self.inner.error_messages["null"]]
+            if each is None:  # what Nested answers for it
+                errors[index] = self.inner.make_error("null").messages
                 continue
             error_store = ErrorStore()
             result.append(
