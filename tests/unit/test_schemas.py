@@ -181,6 +181,7 @@ BODIES = (
 )
 @given(body=BODIES)
 def test_any_body_loads_as_marshmallow_loads_it(app_context, schema_class, body):
+    """Generated bodies, valid or not, messages and unknown fields included."""
     schema = schema_class()
     assert outcome(schema, body) == marshmallows_own_outcome(schema, body)
 
