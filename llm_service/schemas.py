@@ -507,8 +507,10 @@ def _refuse_oversize_stream() -> None:
     body without one (chunked) at the limit, which would surface as a confusing
     "invalid JSON". One byte past the limit tells the two apart.
     """
+    if request.content_length is not None:
+        return  # the usual case; werkzeug checks a declared length itself
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is not None or limit is None:
+    if limit is None:
         return
     at_limit = len(request.get_data(cache=True)) >= limit
     if at_limit and request.environ["wsgi.input"].read(1):
