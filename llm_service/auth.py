@@ -291,14 +291,15 @@ def presented_key() -> str | None:
     HTTP Basic works too (any user name, the key as password), so a browser
     can open the status page.
     """
-    header = request.headers.get("Authorization")
+    current = request._get_current_object()  # once: each use of the proxy costs
+    header = current.headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        if scheme.lower() == "basic" and request.authorization is not None:
-            return (request.authorization.password or "").strip() or None
-    value = request.headers.get("x-api-key", "").strip()
+        if scheme.lower() == "basic" and current.authorization is not None:
+            return (current.authorization.password or "").strip() or None
+    value = current.headers.get("x-api-key", "").strip()
     return value or None
 
 
@@ -335,10 +336,11 @@ def _identify() -> _Identity:
 
 def identity() -> _Identity:
     """This request's identity, decided once (the rate limiter asks first)."""
-    found = g.get("_identity")
+    state = g._get_current_object()  # once: each use of the proxy costs
+    found = state.get("_identity")
     if found is None:
-        found = g._identity = _identify()
-        g.caller = found.caller
+        found = state._identity = _identify()
+        state.caller = found.caller
     return found
 
 
@@ -507,13 +509,13 @@ def _caller_label() -> str | None:
 
 def init_app(app: Flask) -> None:
     """Identify callers before the per-address limit, enforce keys after it."""
-    from . import metrics
+    from . import limits, metrics
 
     app.extensions[EXTENSION] = KeyCache(app.config["AUTH_CACHE_SECONDS"])
     # tokens_total counts per key name (README, "Monitoring").
     metrics.hooks.caller_label = _caller_label
-    for limiter in app.extensions.get("limiter", ()):
-        limiter.request_filter(_exempt_from_address_limit)
+    if limits.EXEMPTIONS in app.extensions:
+        limits.exempt_when(app, _exempt_from_address_limit)
     app.before_request(_enforce)
 
 
