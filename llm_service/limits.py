@@ -284,7 +284,8 @@ def _skip_exempt_requests(app: Flask, limiter: Limiter) -> None:
     """
     exemptions = app.extensions[EXEMPTIONS]
     check = limiter._check_request_limit
-    release = limiter._Limiter__release_context
+    release = getattr(limiter, "_Limiter__release_context", None)
+    inject_headers = getattr(Limiter, "_Limiter__inject_headers", None)
     before = app.before_request_funcs.setdefault(None, [])
     teardown = app.teardown_request_funcs.setdefault(None, [])
     after = app.after_request_funcs.setdefault(None, [])
@@ -293,14 +294,15 @@ def _skip_exempt_requests(app: Flask, limiter: Limiter) -> None:
             hook
             for hook in after
             if isinstance(hook, functools.partial)
-            and hook.func is Limiter._Limiter__inject_headers
+            and hook.func is inject_headers
             and hook.args == (limiter,)
         ),
         None,
     )
     if check not in before or release not in teardown or inject is None:
-        # Not the hooks this was written for (another Flask-Limiter): let it
-        # ask the exemptions itself, after its own work.
+        # Hooks not registered (RATELIMIT_ENABLED=False), or not the ones this
+        # was written for (another Flask-Limiter): it asks the exemptions
+        # itself, after its own work.
         limiter.request_filter(lambda: _is_exempt_caller(exemptions))
         app.after_request(lambda response: _add_rate_limit_headers(limiter, response))
         return
