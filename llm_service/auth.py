@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import translate
@@ -210,11 +210,13 @@ class KeyCache:
         self._reload = False
         self._failing = False
 
-    def current(self, bind: Engine) -> KeySet:
+    def current(self, engine: Callable[[], Engine]) -> KeySet:
+        """The key set; ``engine()``, the database's, is asked for only to read it."""
         keys = self._keys
         fresh = time.monotonic() - self._loaded_at < self.ttl
         if keys is not None and fresh and not self._reload:
             return keys
+        bind = engine()
         if keys is None or self.ttl == 0 or self._reload:
             with self._lock:
                 if self._keys is None or self.ttl == 0 or self._reload:
@@ -310,7 +312,7 @@ def _identify() -> _Identity:
     presented = presented_key()
     cache: KeyCache = current_app.extensions[EXTENSION]
     try:
-        keys = cache.current(db.engine())
+        keys = cache.current(db.engine)
     except AuthUnavailableError:
         failure = APIError(
             503,
