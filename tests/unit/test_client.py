@@ -423,7 +423,17 @@ def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
 
 @pytest.mark.parametrize(
     ("correlation_id", "request_id"),
-    [("my-request-1", None), ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same")],
+    [
+        ("my-request-1", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same"),
+        ("1B4E28BA-2FA1-11D2-883F-0016D3CCA427", "same"),
+        # Forms uuid.UUID (and so llama-cpp-python) takes too.
+        ("1b4e28ba2fa111d2883f0016d3cca427", "same"),
+        ("urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same"),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca42", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca427a", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca42g", None),
+    ],
 )
 def test_x_request_id_goes_upstream_only_as_a_uuid(
     upstream, correlation_id, request_id
