@@ -34,7 +34,9 @@ class UpstreamObject(dict):
         super().__init__(parsed)
         # UTF-8 (no byte-order mark, no UTF-16/32): what a JSON answer is
         # read as. Anything else is encoded again by whoever answers it.
-        self.raw = raw if raw.lstrip()[:1] == b"{" else None
+        # The first byte first: lstrip() copies the whole body.
+        starts = raw[:1] == b"{" or raw.lstrip()[:1] == b"{"
+        self.raw = raw if starts else None
 
 
 @dataclass(frozen=True)

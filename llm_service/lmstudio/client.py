@@ -67,6 +67,8 @@ NOT_SERVED_STATUSES = frozenset({404, 405, 501})
 #: gateway can tell when its upstream is another llm-service.
 VIA_PSEUDONYM = "llm-service"
 LOOP_CODE = "upstream_loop"
+#: Most retry layers a client keeps made (see ``LMStudioClient._retrier``).
+RETRIERS_KEPT = 16
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
@@ -277,8 +279,22 @@ class LMStudioClient:
             # A request that comes back with this pseudonym went round a loop.
             self.session.headers["Via"] = f"1.1 {via}"
         self.retries = retries
-        self._call_with_retries = self._with_retries(self._attempt, retries)
-        self._open_with_retries = self._with_retries(self._attempt_stream, retries)
+        #: The retry layer around one call or one stream opening, made once
+        #: per (kind, retries, budget): a caller trying several hosts gives
+        #: each but the last no retries, on every call.
+        self._retriers: dict[tuple[str, int, float], Callable] = {}
+
+    def _retrier(self, kind: str, retries: int | None) -> Callable:
+        """``_attempt`` (kind "call") or ``_attempt_stream`` ("open") with retries."""
+        retries = self.retries if retries is None else retries
+        key = (kind, retries, self.retry_budget)
+        retrier = self._retriers.get(key)
+        if retrier is None:
+            if len(self._retriers) >= RETRIERS_KEPT:
+                self._retriers.clear()  # bounded; the few in use come back
+            attempt = self._attempt if kind == "call" else self._attempt_stream
+            retrier = self._retriers[key] = self._with_retries(attempt, retries)
+        return retrier
 
     def _with_retries(self, attempt: Callable, retries: int) -> Callable:
         """Wrap ``attempt`` in the one retry layer: retryable errors only."""
@@ -379,11 +395,8 @@ class LMStudioClient:
         if observer is not None:
             began = time.monotonic()
             observer.call_started(True)
-        opener = self._open_with_retries
-        if retries is not None and retries != self.retries:
-            opener = self._with_retries(self._attempt_stream, retries)
         try:
-            response = opener(
+            response = self._retrier("open", retries)(
                 path,
                 {**payload, "stream": True},
                 correlation_id=self._current_correlation_id(),
@@ -542,11 +555,8 @@ class LMStudioClient:
         if observer is not None:
             began = time.monotonic()
             observer.call_started(False)
-        call = self._call_with_retries
-        if retries is not None and retries != self.retries:
-            call = self._with_retries(self._attempt, retries)
         try:
-            result = call(
+            result = self._retrier("call", retries)(
                 method,
                 path,
                 json=json,
