@@ -222,7 +222,12 @@ class Watchdog:
                     due.append(scope)
             if due:
                 return due
-            timeout = self._heap[0][0] - now if self._heap else None
+            timeout = None
+            if self._heap:
+                # A deadline past what a wait takes (a budget of "inf") would
+                # raise OverflowError here and end the thread: no later call
+                # would ever be cut at its deadline.
+                timeout = min(self._heap[0][0] - now, threading.TIMEOUT_MAX)
             self._cond.wait(timeout)
 
 

@@ -398,3 +398,22 @@ def test_the_watchdog_forgets_finished_calls_long_before_their_deadlines():
     while late.reason is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert late.reason is not None
+
+
+def test_a_deadline_too_far_to_wait_for_leaves_the_watchdog_running():
+    """A budget of ``inf`` (the settings take it) must not end the thread."""
+    from llm_service.lmstudio.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    endless = CallScope()
+    endless.deadline = float("inf")
+    watchdog.schedule(endless, endless.deadline)
+    time.sleep(0.1)  # the thread now waits for that deadline
+    soon = CallScope()
+    soon.deadline = time.monotonic() + 0.2
+    watchdog.schedule(soon, soon.deadline)
+    deadline = time.monotonic() + 5
+    while soon.reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert soon.reason is not None
+    assert endless.reason is None
