@@ -391,13 +391,7 @@ def test_the_watchdog_forgets_finished_calls_long_before_their_deadlines():
             scope.finish()
     assert len(running) <= watchdog.pending() <= len(running) + Watchdog.COMPACT_EVERY
     # The running ones are still watched: their deadline still ends them.
-    late = CallScope()
-    late.deadline = time.monotonic() + 0.2
-    watchdog.schedule(late, late.deadline)
-    deadline = time.monotonic() + 5
-    while late.reason is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert late.reason is not None
+    assert _ended_by_its_deadline(watchdog, 0.2)
 
 
 def test_a_deadline_too_far_to_wait_for_leaves_the_watchdog_running():
@@ -409,11 +403,16 @@ def test_a_deadline_too_far_to_wait_for_leaves_the_watchdog_running():
     endless.deadline = float("inf")
     watchdog.schedule(endless, endless.deadline)
     time.sleep(0.1)  # the thread now waits for that deadline
-    soon = CallScope()
-    soon.deadline = time.monotonic() + 0.2
-    watchdog.schedule(soon, soon.deadline)
-    deadline = time.monotonic() + 5
-    while soon.reason is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert soon.reason is not None
+    assert _ended_by_its_deadline(watchdog, 0.2)
     assert endless.reason is None
+
+
+def _ended_by_its_deadline(watchdog, seconds: float) -> bool:
+    """Schedule a call ending in ``seconds``; whether the watchdog ends it (5 s)."""
+    scope = CallScope()
+    scope.deadline = time.monotonic() + seconds
+    watchdog.schedule(scope, scope.deadline)
+    waited_until = time.monotonic() + 5
+    while scope.reason is None and time.monotonic() < waited_until:
+        time.sleep(0.01)
+    return scope.reason is not None
