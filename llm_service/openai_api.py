@@ -23,7 +23,7 @@ from .schemas import (
     load_json_body,
 )
 from .streaming import event_stream_response, relay, sse
-from .upstreams import get_upstream
+from .upstreams import Upstream, get_upstream
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -42,12 +42,11 @@ def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if value is not None}
 
 
-def _relay_or_answer(path: str, payload: dict[str, Any]):
+def _relay_or_answer(upstream: Upstream, path: str, payload: dict[str, Any]):
     if payload.get("stream"):
-        upstream = get_upstream().open_stream(path, payload)
         return event_stream_response(
             relay(
-                upstream,
+                upstream.open_stream(path, payload),
                 # The upstream's events go out as they came (names, ids and
                 # multi-line data kept), their data never re-encoded.
                 SSEEvent.encode,
@@ -55,7 +54,7 @@ def _relay_or_answer(path: str, payload: dict[str, Any]):
                 sse,
             )
         )
-    return _post(path, payload)
+    return _post(path, payload, upstream)
 
 
 def _done() -> bytes:
@@ -65,9 +64,11 @@ def _done() -> bytes:
     return comment + DONE
 
 
-def _post(path: str, payload: dict[str, Any]) -> dict[str, Any] | Response:
+def _post(
+    path: str, payload: dict[str, Any], upstream: Upstream | None = None
+) -> dict[str, Any] | Response:
     """Relay a non-streamed call; the upstream's object is answered as it is."""
-    return relay_json(get_upstream().post_json(path, payload))
+    return relay_json((upstream or get_upstream()).post_json(path, payload))
 
 
 @bp.get("/models")
@@ -95,8 +96,9 @@ def list_models():
 )
 def chat_completions():
     """Create a chat completion; ``"stream": true`` relays server-sent events."""
-    payload = get_upstream().request_defaults(load_json_body(chat_schema))
-    return _relay_or_answer("/v1/chat/completions", payload)
+    upstream = get_upstream()  # once: each look-up goes through current_app
+    payload = upstream.request_defaults(load_json_body(chat_schema))
+    return _relay_or_answer(upstream, "/v1/chat/completions", payload)
 
 
 @bp.post("/completions")
@@ -108,8 +110,9 @@ def chat_completions():
 )
 def completions():
     """Create a text completion; ``"stream": true`` relays server-sent events."""
-    payload = get_upstream().request_defaults(load_json_body(completion_schema))
-    return _relay_or_answer("/v1/completions", payload)
+    upstream = get_upstream()
+    payload = upstream.request_defaults(load_json_body(completion_schema))
+    return _relay_or_answer(upstream, "/v1/completions", payload)
 
 
 @bp.post("/embeddings")

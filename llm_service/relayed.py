@@ -20,7 +20,8 @@ class RelayedJSON(Response):
     default_mimetype = "application/json"
 
     def __init__(self, answer: dict[str, Any], raw: bytes) -> None:
-        super().__init__(raw)
+        # The content type given: not derived from the mimetype on every answer.
+        super().__init__(raw, content_type=self.default_mimetype)
         #: The parsed object the body encodes.
         self.answer = answer
 

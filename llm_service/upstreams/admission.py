@@ -15,7 +15,8 @@ The fair choice among waiting requests is always this process's.
 
 Plain Python: no Flask, no sockets; the clock is a parameter, so the queue is
 tested alone with a fake one. A waiting request costs one
-:class:`threading.Event` wait, woken when it is admitted, when its client
+:class:`threading.Event` wait (made when it joins the queue: a request
+admitted at once never needs one), woken when it is admitted, when its client
 leaves (:meth:`Ticket.cancel`) or at its deadline; nothing polls.
 """
 
@@ -169,7 +170,9 @@ class Ticket:
         self.lease: Lease | None = None
         self.state = WAITING
         self.cancelled = False
-        self._event = threading.Event()
+        #: What a waiting request sleeps on: made when it joins the queue (under
+        #: the admission's lock), so a ticket admitted at once costs no Event.
+        self._event: threading.Event | None = None
 
     @property
     def admitted(self) -> bool:
@@ -206,18 +209,26 @@ class Ticket:
                     return False
                 remaining = min(remaining, timeout)
             waited = True
+            # Not admitted, not cancelled: it joined the queue, so has its event.
+            assert self._event is not None
             self._event.wait(max(0.0, remaining))
 
     def cancel(self) -> None:
         """The client left: leave the queue now (from any thread)."""
         self.cancelled = True
         self._admission._leave(self)
-        self._event.set()
+        self._wake()
 
     def release(self) -> None:
         """Give the slot back, or leave the queue; idempotent."""
         self._admission._release(self)
-        self._event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the request if it sleeps in the queue (none sleeps otherwise)."""
+        event = self._event
+        if event is not None:
+            event.set()
 
 
 class _Flow:
@@ -435,6 +446,7 @@ class Admission:
                     self._retry_after(entry, mine + 1),
                     "key",
                 )
+            ticket._event = threading.Event()
             entry.push(ticket)
             self._queued += 1
             self._per_caller[caller] += 1
@@ -504,7 +516,7 @@ class Admission:
         ticket.lease = lease
         ticket.admitted_at = self.clock()
         entry.in_flight += 1
-        ticket._event.set()
+        ticket._wake()
         if self.on_admitted is not None:
             self.on_admitted(entry.name, ticket.admitted_at - ticket.entered_at)
 

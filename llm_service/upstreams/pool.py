@@ -167,8 +167,9 @@ class Upstream:
         """
         if requested:
             return requested
-        if current_app.config["DEFAULT_MODEL"]:
-            return current_app.config["DEFAULT_MODEL"]
+        configured = current_app.config["DEFAULT_MODEL"]
+        if configured:
+            return configured
         if self.several:
             self._know_every_host()
             model = most_common_loaded(host.state() for host in self.hosts)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from llm_service.upstreams.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from llm_service.upstreams.discovery import Discovery
+from llm_service.upstreams.discovery import Discovery, Host
 from llm_service.upstreams.placement import (
     AffinityMap,
     HostState,
@@ -250,3 +250,19 @@ def test_discovery_can_be_off():
     discovery = Discovery([CountingHost("a")], interval=0)
     discovery.ensure_started()
     assert not discovery.running
+
+
+def test_a_call_in_flight_is_counted_once_however_often_it_is_released():
+    host = Host("a", client=None, breaker=CircuitBreaker(3, 10.0))
+    first, second = host.acquire(), host.acquire()
+    assert host.in_flight == 2
+    threads = [threading.Thread(target=first) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    first()
+    assert host.in_flight == 1
+    second()
+    second()
+    assert host.in_flight == 0
