@@ -204,21 +204,25 @@ class LoopbackHTTPServer:
         true, which is what a server process that died looks like to its
         clients. :meth:`accept` listens again on the same port.
         """
+        with self._listen_lock:
+            thread, self._accept_thread = self._accept_thread, None
+            if thread is not None:
+                assert self._wake_acceptor is not None
+                # The accept thread closes its own sockets: closing the
+                # listener from here could race with its accept() on a reused
+                # descriptor.
+                self._wake_acceptor.send(b"x")
+        if thread is not None:
+            thread.join(5.0)
         if drop_connections:
+            # Only now: every connection accepted until the listener closed
+            # is in the list (the accept thread registers each), so none
+            # accepted meanwhile carries on as if the process still lived.
             with self._lock:
                 sockets = list(self._open_sockets.values())
             for sock in sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-        with self._listen_lock:
-            thread, self._accept_thread = self._accept_thread, None
-            if thread is None:
-                return
-            assert self._wake_acceptor is not None
-            # The accept thread closes its own sockets: closing the listener
-            # from here could race with its accept() on a reused descriptor.
-            self._wake_acceptor.send(b"x")
-        thread.join(5.0)
 
     def accept(self) -> None:
         """Listen (again) on the port, undoing :meth:`refuse`."""

@@ -79,6 +79,36 @@ def test_refuse_and_accept_on_the_same_port(fake):
     assert requests.get(fake.url + "/v1/models", timeout=5).ok
 
 
+class _ConnectFirst:
+    """The acceptor's waker, but a client connects (and is accepted) first."""
+
+    def __init__(self, fake, waker):
+        self.fake, self.waker, self.client = fake, waker, None
+
+    def send(self, data):
+        self.client = socket.create_connection(("127.0.0.1", self.fake.port))
+        deadline = time.monotonic() + 5
+        while not self.fake._open_sockets and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.waker.send(data)
+
+
+def test_a_dying_server_drops_a_connection_accepted_while_it_stops_listening(fake):
+    """``refuse(drop_connections=True)`` leaves no connection alive (a dead
+    process keeps none), even one accepted in its last moments of listening."""
+    connect_first = _ConnectFirst(fake, fake._wake_acceptor)
+    fake._wake_acceptor = connect_first
+    fake.refuse(drop_connections=True)
+    late = connect_first.client
+    assert late is not None
+    # At once (a live handler would keep it open for its idle timeout, 5 s).
+    late.settimeout(1.0)
+    try:
+        assert late.recv(1) == b""  # shut down by the server, not left serving
+    finally:
+        late.close()
+
+
 def test_refuse_fault_is_undone_by_clear_faults(fake):
     fake.fault("refuse")
     with pytest.raises(requests.ConnectionError):
