@@ -16,6 +16,10 @@ The door hands the release of a finished call to :func:`defer`: while the
 request that made it is :func:`held <hold>`, it runs in that request's
 :func:`request_end`, so the release and the settling share the trip.
 
+A request's first trip can also carry a script for another owner: one that
+:func:`ride` registered goes along with this thread's next :func:`run` (the
+door asks for its slot lease with the quota admission, which runs first).
+
 The scopes are per thread (a request is served by one thread, its stream
 too); the request layers open and close them, this module knows no Flask
 request.
@@ -51,6 +55,11 @@ TIMEOUT = 0.5
 
 #: ``done(error)``: called once a write ran (``None``) or failed.
 Done = Callable[[Exception | None], None]
+#: ``prepare()``, at the trip: the script to send along, its keys and its
+#: arguments, or None to send nothing.
+Prepare = Callable[[], tuple[Any, Sequence[Any], Sequence[Any]] | None]
+#: ``answer(reply)``: the script's reply, or the error (an Exception) it met.
+Answer = Callable[[Any], None]
 
 _local = threading.local()
 
@@ -160,6 +169,7 @@ def request_end() -> Iterator[None]:
         return
     deferred = getattr(_local, "deferred", None) or []
     _local.deferred = None
+    _local.riders = None
     writes: list[tuple[Any, Any, list[str], list[Any], Done]] = []
     _local.writes = writes
     try:
@@ -183,6 +193,7 @@ def _begin() -> None:
     # nothing) runs now rather than waiting for this one's end.
     run_deferred()
     _local.deferred = None
+    _local.riders = None
 
 
 def _run(work: Callable[[], None]) -> None:
@@ -222,6 +233,53 @@ def _execute(
     return [r if isinstance(r, Exception) else None for r in replies]
 
 
+# -- scripts sent along ----------------------------------------------------------
+
+
+def ride(client: Any, prepare: Prepare, answer: Answer) -> None:
+    """Send a script with this thread's next :func:`run` on ``client``'s pool.
+
+    Only while this thread's request is :func:`held <hold>` (its end, where
+    the owner gives back what the script took, is to come) and not ending:
+    ``prepare`` is called at that trip, ``answer`` right after it (before
+    :func:`run` returns), both on this thread. A script never sent (no trip
+    came before the request ended) is forgotten: its owner finds
+    ``prepare`` was never called.
+    """
+    riders = getattr(_local, "riders", None)
+    if riders is None:
+        riders = _local.riders = []
+    riders.append((connections(client), prepare, answer))
+
+
+def _boarding(lean: Connections) -> list[tuple[tuple, Any, Answer]]:
+    """What goes along with a trip on ``lean`` now: command, script, answer."""
+    riders = _local.riders
+    held = getattr(_local, "deferred", None) is not None
+    if not held or getattr(_local, "writes", None) is not None:
+        return []  # no request held, or its end: nowhere to give back
+    boarding = []
+    for rider in [r for r in riders if r[0] is lean]:
+        riders.remove(rider)
+        _, prepare, answer = rider
+        try:
+            prepared = prepare()
+        except Exception:  # the trip's own command must still go
+            log.exception("preparing a script to send along failed")
+            continue
+        if prepared is not None:
+            script, keys, args = prepared
+            boarding.append((_evalsha(script, keys, args), script, answer))
+    return boarding
+
+
+def _answer(answer: Answer, reply: Any) -> None:
+    try:
+        answer(reply)
+    except Exception:
+        log.exception("a script sent along could not take its reply")
+
+
 # -- the lean command path -------------------------------------------------------
 
 
@@ -235,10 +293,30 @@ def run(client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> A
     As ``script(keys=keys, args=args)``, raising what it would, on the lean
     path. A script Redis forgot is loaded and run again.
     """
-    reply = connections(client).run([_evalsha(script, keys, args)], [script])[0]
+    lean = connections(client)
+    command = _evalsha(script, keys, args)
+    if not getattr(_local, "riders", None):
+        reply = lean.run([command], [script])[0]
+    else:
+        reply = _run_with(lean, command, script, _boarding(lean))
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+def _run_with(lean: Connections, command: tuple, script: Any, riders: list) -> Any:
+    """Run ``command`` with the scripts that go along; its reply (or error)."""
+    try:
+        replies = lean.run(
+            [command, *(r[0] for r in riders)], [script, *(r[1] for r in riders)]
+        )
+    except Exception as err:
+        for _, _, answer in riders:
+            _answer(answer, err)
+        raise
+    for (_, _, answer), reply in zip(riders, replies[1:], strict=True):
+        _answer(answer, reply)
+    return replies[0]
 
 
 def call(client: Any, *command: Any) -> Any:

@@ -11,7 +11,8 @@ request defaults both APIs share, and runs every call so:
    :mod:`.discovery` found and the conversation's host);
 2. **admit**: :meth:`Upstream.acquire` counts the call in flight at the chosen
    host until it (or its stream) ends: the one seam where a slot of that host
-   is taken;
+   is taken (with one host, the slot may have been asked for before the view,
+   with the request's first trip to the shared store: it is used here);
 3. **call**, in a scope that a client hang-up cancels;
 4. **fail over**: a connection error, a 5xx or a stream cut before its first
    event moves to the next host, inside the one budget of attempts and time
@@ -269,7 +270,8 @@ class Upstream:
 
         plan = self._plan(payload)
         stream = FailoverStream(self, plan, send)
-        plan.ticket = queueing.enter(self.admission, plan.hosts[0].slot_key)
+        first = plan.hosts[0].slot_key
+        plan.ticket = _early_ticket(first) or queueing.enter(self.admission, first)
         if not plan.ticket.admitted:
 
             def opener(scope: CallScope) -> FailoverStream:
@@ -312,6 +314,8 @@ class Upstream:
         host's fair queue for a slot (``ticket``: a place it already has). The
         release is called once the call returns or the stream closes.
         """
+        # Before the deferred work runs: it gives back an early slot unclaimed.
+        ticket = ticket or _early_ticket(host.slot_key)
         # A call made after another in the same request: the first one's
         # deferred release first, or the two could wait for each other.
         store.run_deferred()
@@ -702,6 +706,27 @@ def _refuse_loops() -> None:
         )
 
 
+def _ask_slot_early() -> None:
+    """With one host, ask for its slot along the request's first store trip.
+
+    A generation request (the only POSTs; a listing takes no slot) saves a
+    trip to the shared store: the slot is asked for with its quota admission
+    (:class:`.queueing.EarlySlot`). A request with no such trip (no quota, not
+    metered, Redis away) has its slot taken by the door, as any other.
+    """
+    upstream = current_app.extensions[EXTENSION]
+    if request.method == "POST" and request.url_rule and not upstream.several:
+        g.early_slot = queueing.EarlySlot(
+            upstream.admission, upstream.hosts[0].slot_key
+        )
+
+
+def _early_ticket(host: str) -> Ticket | None:
+    """The request's slot of ``host`` taken before the view, if one was."""
+    early = g.pop("early_slot", None) if has_request_context() else None
+    return early.claim(host) if early is not None else None
+
+
 def _record_attempt(status: int | None) -> None:
     # Called for the attempts of the request's own upstream call only: health
     # probes made on the way (e.g. to pick a model) are not retries.
@@ -773,6 +798,7 @@ def init_app(app: Flask) -> None:
         admission=admission,
     )
     app.before_request(_refuse_loops)
+    app.before_request(_ask_slot_early)
 
 
 def _host_name(url: str) -> str:
