@@ -264,14 +264,16 @@ class SharedSlots:
         does not join the line; Redis away or failing: counted as a failure).
         Nothing is asked while Redis is away (slots are counted here then).
         """
-        lease = Lease(host, shared=True)
+        lease: Lease | None = None  # made at the trip, if one is asked for
 
         def prepare() -> tuple[Any, list[str], list[Any]] | None:
+            nonlocal lease
             if self.clock() < self._down_until:
                 return None
             count = slots()
             if count is None:
                 return None
+            lease = Lease(host, shared=True)
             _, script, keys, args = self.redis.acquiring(lease, count, join=False)
             return script, keys, args
 
@@ -281,6 +283,7 @@ class SharedSlots:
                 then(None)
                 return
             self._backoff = 1.0
+            assert lease is not None  # answered: prepared
             then(self.redis.took(lease, reply))
 
         store.ride(self.redis.client, prepare, answer)

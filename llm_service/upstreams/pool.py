@@ -706,19 +706,22 @@ def _refuse_loops() -> None:
         )
 
 
-def _ask_slot_early() -> None:
-    """With one host, ask for its slot along the request's first store trip.
+def _asks_slot_early(upstream: Upstream) -> Callable[[], None]:
+    """With one host: ask for its slot along the request's first store trip.
 
     A generation request (the only POSTs; a listing takes no slot) saves a
     trip to the shared store: the slot is asked for with its quota admission
     (:class:`.queueing.EarlySlot`). A request with no such trip (no quota, not
     metered, Redis away) has its slot taken by the door, as any other.
     """
-    upstream = current_app.extensions[EXTENSION]
-    if request.method == "POST" and request.url_rule and not upstream.several:
-        g.early_slot = queueing.EarlySlot(
-            upstream.admission, upstream.hosts[0].slot_key
-        )
+    admission, host = upstream.admission, upstream.hosts[0].slot_key
+
+    def ask_slot_early() -> None:
+        current = request._get_current_object()
+        if current.method == "POST" and current.url_rule is not None:
+            g.early_slot = queueing.EarlySlot(admission, host)
+
+    return ask_slot_early
 
 
 def _early_ticket(host: str) -> Ticket | None:
@@ -798,7 +801,8 @@ def init_app(app: Flask) -> None:
         admission=admission,
     )
     app.before_request(_refuse_loops)
-    app.before_request(_ask_slot_early)
+    if not several:
+        app.before_request(_asks_slot_early(app.extensions[EXTENSION]))
 
 
 def _host_name(url: str) -> str:
