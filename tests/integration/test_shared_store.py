@@ -85,12 +85,12 @@ QUOTAS = ("--rpm", "100000", "--tpm", "100000000", "--concurrency", "10")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
-def test_a_keyed_request_costs_three_round_trips_on_one_connection(
+def test_a_keyed_request_costs_two_round_trips_on_one_connection(
     keyed, redis_server, stream
 ):
-    """Quota admission, slot lease, then the lease's release and the quota's
-    settling together: three trips, over the one client's connection (plus
-    the slot channel's subscription)."""
+    """Quota admission and slot lease together, then the lease's release and
+    the quota's settling together: two trips, over the one client's
+    connection (plus the slot channel's subscription)."""
     start, relay = keyed
     redis_url = redis_server.url
     gateway, headers = start(*QUOTAS)
@@ -100,7 +100,7 @@ def test_a_keyed_request_costs_three_round_trips_on_one_connection(
     answers = [send(gateway, headers, stream) for _ in range(10)]
     after, connections = relay.count()
     assert [a.status_code for a in answers] == [200] * 10
-    assert after - before == 3 * 10
+    assert after - before == 2 * 10
     assert connections <= 2
     # Redis forgot its scripts (a restart, SCRIPT FLUSH): they are loaded again.
     redis.Redis.from_url(redis_url).script_flush()
