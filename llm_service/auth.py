@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import translate
@@ -210,11 +210,13 @@ class KeyCache:
         self._reload = False
         self._failing = False
 
-    def current(self, bind: Engine) -> KeySet:
+    def current(self, engine: Callable[[], Engine]) -> KeySet:
+        """The key set; ``engine()``, the database's, is asked for only to read it."""
         keys = self._keys
         fresh = time.monotonic() - self._loaded_at < self.ttl
         if keys is not None and fresh and not self._reload:
             return keys
+        bind = engine()
         if keys is None or self.ttl == 0 or self._reload:
             with self._lock:
                 if self._keys is None or self.ttl == 0 or self._reload:
@@ -291,14 +293,15 @@ def presented_key() -> str | None:
     HTTP Basic works too (any user name, the key as password), so a browser
     can open the status page.
     """
-    header = request.headers.get("Authorization")
+    current = request._get_current_object()  # once: each use of the proxy costs
+    header = current.headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        if scheme.lower() == "basic" and request.authorization is not None:
-            return (request.authorization.password or "").strip() or None
-    value = request.headers.get("x-api-key", "").strip()
+        if scheme.lower() == "basic" and current.authorization is not None:
+            return (current.authorization.password or "").strip() or None
+    value = current.headers.get("x-api-key", "").strip()
     return value or None
 
 
@@ -309,7 +312,7 @@ def _identify() -> _Identity:
     presented = presented_key()
     cache: KeyCache = current_app.extensions[EXTENSION]
     try:
-        keys = cache.current(db.engine())
+        keys = cache.current(db.engine)
     except AuthUnavailableError:
         failure = APIError(
             503,
@@ -335,10 +338,11 @@ def _identify() -> _Identity:
 
 def identity() -> _Identity:
     """This request's identity, decided once (the rate limiter asks first)."""
-    found = g.get("_identity")
+    state = g._get_current_object()  # once: each use of the proxy costs
+    found = state.get("_identity")
     if found is None:
-        found = g._identity = _identify()
-        g.caller = found.caller
+        found = state._identity = _identify()
+        state.caller = found.caller
     return found
 
 
@@ -507,13 +511,13 @@ def _caller_label() -> str | None:
 
 def init_app(app: Flask) -> None:
     """Identify callers before the per-address limit, enforce keys after it."""
-    from . import metrics
+    from . import limits, metrics
 
     app.extensions[EXTENSION] = KeyCache(app.config["AUTH_CACHE_SECONDS"])
     # tokens_total counts per key name (README, "Monitoring").
     metrics.hooks.caller_label = _caller_label
-    for limiter in app.extensions.get("limiter", ()):
-        limiter.request_filter(_exempt_from_address_limit)
+    if limits.EXEMPTIONS in app.extensions:
+        limits.exempt_when(app, _exempt_from_address_limit)
     app.before_request(_enforce)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -45,6 +46,8 @@ STORAGE_TIMEOUT = store.TIMEOUT
 #: The limit's window: a client told to wait without the exact count waits this.
 WINDOW_SECONDS = 60
 EXTENSION = "llm_service.limiter"
+#: The tests that exempt a request from the per-address limit (see exempt_when).
+EXEMPTIONS = "llm_service.limiter.exemptions"
 
 
 class WindowCounterStorage(Storage):
@@ -254,6 +257,99 @@ class ForwardedHeaders:
         return self.app(environ, start_response)
 
 
+def exempt_when(app: Flask, exempt: Callable[[], bool]) -> None:
+    """Exempt the requests ``exempt()`` says yes to from the per-address limit.
+
+    Asked before Flask-Limiter's hooks (see :func:`_skip_exempt_requests`),
+    in the order given; an exempt request is not counted and carries no
+    ``X-RateLimit-*`` headers. ``exempt`` must not raise.
+    """
+    app.extensions[EXEMPTIONS].append(exempt)
+
+
+def _is_exempt_caller(exemptions: list[Callable[[], bool]]) -> bool:
+    return any(exempt() for exempt in exemptions)
+
+
+def _skip_exempt_requests(app: Flask, limiter: Limiter) -> None:
+    """Run Flask-Limiter's hooks only for requests the limit may apply to.
+
+    Flask-Limiter asks its request filters only after resolving the request's
+    endpoint, view and limits, and then still evaluates an empty set of limits
+    and sets up, reads and resets its per-request state: some 90 µs of CPU for
+    a keyed request that the per-address limit never applies to. Here the
+    exemptions (:func:`exempt_when`) are asked first, and an exempt request
+    skips Flask-Limiter's three hooks, which would count nothing and add no
+    header for it; every other request goes through them as before.
+    """
+    exemptions = app.extensions[EXEMPTIONS]
+    check = limiter._check_request_limit
+    release = getattr(limiter, "_Limiter__release_context", None)
+    inject_headers = getattr(Limiter, "_Limiter__inject_headers", None)
+    before = app.before_request_funcs.setdefault(None, [])
+    teardown = app.teardown_request_funcs.setdefault(None, [])
+    after = app.after_request_funcs.setdefault(None, [])
+    inject = next(
+        (
+            hook
+            for hook in after
+            if isinstance(hook, functools.partial)
+            and hook.func is inject_headers
+            and hook.args == (limiter,)
+        ),
+        None,
+    )
+    if check not in before or release not in teardown or inject is None:
+        # Hooks not registered (RATELIMIT_ENABLED=False), or not the ones this
+        # was written for (another Flask-Limiter): it asks the exemptions
+        # itself, after its own work.
+        limiter.request_filter(lambda: _is_exempt_caller(exemptions))
+        app.after_request(lambda response: _add_rate_limit_headers(limiter, response))
+        return
+
+    def check_unless_exempt() -> None:
+        if _is_exempt_caller(exemptions):
+            g.address_limit_exempt = True
+            return
+        check()
+
+    def headers_unless_exempt(response: Response) -> Response:
+        if g.get("address_limit_exempt"):
+            return response
+        return inject(_add_rate_limit_headers(limiter, response))
+
+    def release_unless_exempt(error: BaseException | None = None) -> None:
+        if not g.get("address_limit_exempt"):
+            release(error)
+
+    before[before.index(check)] = check_unless_exempt
+    after[after.index(inject)] = headers_unless_exempt
+    teardown[teardown.index(release)] = release_unless_exempt
+
+
+def _add_rate_limit_headers(limiter: Limiter, response: Response) -> Response:
+    """The limit's ``X-RateLimit-*`` headers (and ``Retry-After`` on a 429)."""
+    current = limiter.current_limit
+    if current is None:
+        return response
+    try:
+        # The window's own end: flask-limiter's reset_at adds a second to it.
+        remaining, reset_time = current.remaining, current.window.reset_time
+    except Exception:  # whatever the store raised: answer without the counts
+        # The store failed between the hit and now; the request was counted.
+        log.warning("rate-limit headers skipped: the limit store failed")
+        if response.status_code == 429:
+            response.headers["Retry-After"] = str(WINDOW_SECONDS)
+        return response
+    response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
+    if response.status_code == 429:
+        wait = max(1, math.ceil(reset_time - time.time()))
+        response.headers["Retry-After"] = str(wait)
+    return response
+
+
 def storage_state() -> str:
     """Say where the limits are counted now: ``memory``, ``redis``, ``memcached``,
     or ``memory-fallback`` while the shared store is away."""
@@ -309,28 +405,8 @@ def init_app(app: Flask) -> None:
         # The fallback would be limits' MemoryStorage: a timer thread per request.
         limiter._fallback_limiter = FixedWindowRateLimiter(WindowCounterStorage())
     app.extensions[EXTENSION] = limiter
-
-    @app.after_request
-    def _add_rate_limit_headers(response: Response) -> Response:
-        current = limiter.current_limit
-        if current is None:
-            return response
-        try:
-            # The window's own end: flask-limiter's reset_at adds a second to it.
-            remaining, reset_time = current.remaining, current.window.reset_time
-        except Exception:  # whatever the store raised: answer without the counts
-            # The store failed between the hit and now; the request was counted.
-            log.warning("rate-limit headers skipped: the limit store failed")
-            if response.status_code == 429:
-                response.headers["Retry-After"] = str(WINDOW_SECONDS)
-            return response
-        response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
-        response.headers["X-RateLimit-Remaining"] = str(remaining)
-        response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
-        if response.status_code == 429:
-            wait = max(1, math.ceil(reset_time - time.time()))
-            response.headers["Retry-After"] = str(wait)
-        return response
+    app.extensions[EXEMPTIONS] = []
+    _skip_exempt_requests(app, limiter)
 
     origins = app.config["ALLOWED_ORIGINS"]
     if origins:

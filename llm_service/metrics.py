@@ -655,7 +655,9 @@ def init_app(app: Flask) -> None:
     # Before every other hook: requests refused by one (limits, loops, the
     # drain) are counted too.
     first = app.before_request_funcs.setdefault(None, [])
-    first.insert(0, _only_monitoring_on_metrics_listener)
+    if app.config["METRICS_BIND"]:
+        # The listener is bound at start: without one there is nothing to refuse.
+        first.insert(0, _only_monitoring_on_metrics_listener)
     first.insert(0, _start)
     app.after_request(_after)
     app.teardown_request(_finish)

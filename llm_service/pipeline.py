@@ -6,11 +6,11 @@ import logging
 import re
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, g, request
 from flask.ctx import _AppCtxGlobals
 from werkzeug.datastructures import Headers
 
-from .ids import new_uuid
+from .ids import new_uuid_text
 from .lifecycle import ShuttingDownError, drain
 from .logs import log_fields
 
@@ -46,21 +46,32 @@ def correlation_id() -> str:
     characters of ``[A-Za-z0-9._:-]``; anything else could forge log lines or
     headers, so it is replaced by a new UUID.
     """
-    state = g._get_current_object()  # once: each use of the proxy costs
-    if "correlation_id" not in state:
-        chosen = None
-        for header in _INCOMING_HEADERS:
-            value = request.headers.get(header)
-            if value and _VALID_CORRELATION_ID.fullmatch(value):
-                chosen = value
-                break
-        state.correlation_id = chosen or str(new_uuid())
+    return _correlation_id_of(g._get_current_object())
+
+
+def _correlation_id_of(state: _AppCtxGlobals) -> str:
+    """The correlation ID of the request whose ``g`` is ``state`` (each use of
+    the proxy costs a lookup)."""
+    found = state.get("correlation_id")
+    return found if found is not None else _choose_correlation_id(state)
+
+
+def _choose_correlation_id(state: _AppCtxGlobals) -> str:
+    headers = request.headers
+    chosen = None
+    for header in _INCOMING_HEADERS:
+        value = headers.get(header)
+        if value and _VALID_CORRELATION_ID.fullmatch(value):
+            chosen = value
+            break
+    state.correlation_id = chosen or new_uuid_text()
     return state.correlation_id
 
 
 def _start_request() -> None:
-    g.started = time.perf_counter()
-    correlation_id()
+    state = g._get_current_object()
+    state.started = time.perf_counter()
+    _correlation_id_of(state)
     if drain.draining:
         # Nothing started after SIGTERM: the worker is about to go.
         raise ShuttingDownError()
@@ -71,7 +82,7 @@ def _finish_response(response: Response) -> Response:
     elapsed = time.perf_counter() - state.get("started", time.perf_counter())
     # (name, value, replace): set, or only added when missing.
     updates = [
-        (CORRELATION_HEADER, correlation_id(), True),
+        (CORRELATION_HEADER, _correlation_id_of(state), True),
         ("X-Process-Time", f"{elapsed:.6f}", True),
         ("Via", VIA, True),
     ]
@@ -79,7 +90,8 @@ def _finish_response(response: Response) -> Response:
         # Seconds waited for a slot of the model server (see upstreams.queueing).
         updates.append(("X-Queue-Time", f"{state.queue_time:.3f}", True))
     updates += _SECURITY_DEFAULTS
-    if request.is_secure:
+    current = request._get_current_object()
+    if current.is_secure:
         updates.append(("Strict-Transport-Security", HSTS, False))
     if state.get("upstream_host"):
         # The model host that served the request (its name, never its URL).
@@ -91,7 +103,7 @@ def _finish_response(response: Response) -> Response:
         # ends (or not at all if it is closed unstarted): a stream's record is
         # written once, when the server closes its body, with its whole time.
         state.access_deferred = True
-        where = _Where.of_request()
+        where = _Where.of_request(state, current)
         response.call_on_close(lambda: _write_access(state, where))
     return response
 
@@ -117,12 +129,13 @@ class _Where:
     __slots__ = ("client", "correlation_id", "method", "path", "trace")
 
     @classmethod
-    def of_request(cls) -> _Where:
-        where, current = cls(), request._get_current_object()
+    def of_request(cls, state: _AppCtxGlobals, current: Request) -> _Where:
+        """The facts of ``current``, the request whose ``g`` is ``state``."""
+        where = cls()
         where.method, where.path = current.method, current.path
         where.client = current.remote_addr
-        where.correlation_id = correlation_id()
-        where.trace = g.get("trace")
+        where.correlation_id = state.correlation_id
+        where.trace = state.get("trace")
         return where
 
 

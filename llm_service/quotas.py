@@ -453,7 +453,8 @@ def _admit() -> None:
     caller = identity().caller
     if caller.anonymous or not (caller.rpm or caller.tpm or caller.concurrency):
         return
-    reservation = meter().reservation
+    found = meter()
+    reservation = found.reservation
     if caller.tpm and reservation > caller.tpm:
         raise APIError(
             429,
@@ -463,7 +464,8 @@ def _admit() -> None:
             "minute: it can never be admitted. Lower max_tokens.",
             details={"reserved_tokens": reservation, "tokens_per_minute": caller.tpm},
         )
-    admission = quotas().admit(caller, reservation)
+    service = quotas()
+    admission = service.admit(caller, reservation)
     verdict = admission.verdict
     if not verdict.allowed:
         code, message = REFUSALS[verdict.refusal]
@@ -471,8 +473,7 @@ def _admit() -> None:
         headers["Retry-After"] = str(max(1, math.ceil(verdict.retry_ms / 1000)))
         raise APIError(429, code, message, headers=headers)
     g.quota_admission = admission
-    service = quotas()
-    meter().on_finish.append(lambda used: service.finish(admission, used))
+    found.on_finish.append(lambda used: service.finish(admission, used))
 
 
 def _add_headers(response: Response) -> Response:

@@ -82,12 +82,15 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
 
 def incoming_context() -> TraceContext:
     """The caller's trace continued, or a new one; a new span id either way."""
-    parsed = parse_traceparent(request.headers.get("traceparent"))
-    span_id = random_hex(8)
+    headers = request.headers
+    parsed = parse_traceparent(headers.get("traceparent"))
     if parsed is None:
-        return TraceContext(trace_id=random_hex(16), span_id=span_id)
+        # One draw for both ids: 32 hex digits of trace, 16 of span.
+        drawn = random_hex(24)
+        return TraceContext(trace_id=drawn[:32], span_id=drawn[32:])
+    span_id = random_hex(8)
     trace_id, parent_id, flags = parsed
-    state = request.headers.get("tracestate")
+    state = headers.get("tracestate")
     if state is not None and not _TRACESTATE.fullmatch(state.strip()):
         state = None
     return TraceContext(
@@ -123,11 +126,17 @@ def current() -> TraceContext | None:
 
 
 def _start_trace_with(otel: bool) -> Any:
+    if not otel:
+        return _start_trace
+
     def start() -> None:
-        context = _otel_context() if otel else None
-        g.trace = context or incoming_context()
+        g.trace = _otel_context() or incoming_context()
 
     return start
+
+
+def _start_trace() -> None:
+    g.trace = incoming_context()
 
 
 def outgoing_headers() -> dict[str, str]:

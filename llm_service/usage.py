@@ -33,11 +33,13 @@ from datetime import datetime
 from typing import Any
 
 from flask import Flask, Request, Response, current_app, g, request
+from flask.ctx import _AppCtxGlobals
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 
 from . import db, store
+from .auth import model_named
 from .ids import new_uuid7_hex
 from .models import UsageRecord, utcnow
 from .relayed import answer_of
@@ -128,18 +130,21 @@ def _text_length(value: Any, depth: int = 0) -> int:
 
 
 def _new_meter(current: Request) -> Meter:
-    from .auth import model_named
-
     posted = current.method == "POST"
     body = None
-    if posted and current.is_json:
+    if posted:
         try:
+            # None unless a JSON body (get_json asks is_json itself).
             body = current.get_json(silent=True)
         except RecursionError:
             body = None
     if not isinstance(body, dict):
         body = {}
-    text = sum(_text_length(body.get(f)) for f in ("messages", "prompt", "input"))
+    text = 0
+    for name in ("messages", "prompt", "input"):
+        value = body.get(name)
+        if value is not None:
+            text += _text_length(value)
     messages = body.get("messages")
     overhead = 4 * len(messages) if isinstance(messages, list) else 0
     prompt = math.ceil(text / CHARS_PER_TOKEN) + overhead
@@ -259,11 +264,14 @@ def end_stream(last: bytes = b"") -> None:
 def _observe(response: Response) -> Response:
     context = g._get_current_object()
     found = context.get("usage_meter")
-    if found is None or request.blueprint not in METERED_BLUEPRINTS:
+    if found is None:
+        return response
+    current = request._get_current_object()
+    if current.blueprint not in METERED_BLUEPRINTS:
         return response
     if response.is_streamed and response.mimetype == "text/event-stream":
         found.streamed = True
-        finish = _finisher(found, response.status_code)
+        finish = _finisher(context, current, found, response.status_code)
         response.response = context.usage_stream = MeteredStream(
             response.response, found, finish
         )
@@ -474,15 +482,20 @@ def usage_log() -> UsageLog:
     return current_app.extensions[EXTENSION]
 
 
-def _finisher(found: Meter, status: int) -> Callable[[], None]:
-    """What to do when the answer has ended, with this request's facts bound."""
-    context = g._get_current_object()
+def _finisher(
+    context: _AppCtxGlobals, current: Request, found: Meter, status: int
+) -> Callable[[], None]:
+    """What to do when the answer has ended, with this request's facts bound.
+
+    ``context`` and ``current``: the request's ``g`` and request (each use of
+    their proxies costs a lookup).
+    """
     caller = context.get("caller")
     started = context.get("started", time.perf_counter())
     facts = {
         "key_id": caller.key_id if caller is not None else None,
         "key_name": caller.name if caller is not None else None,
-        "route": (request.endpoint or "")[:64],
+        "route": (current.endpoint or "")[:64],
         # The host's name (never its URL: it may hold credentials); None when
         # the request never reached a host.
         "upstream": context.get("upstream_host"),
@@ -529,13 +542,18 @@ def _record(_error: BaseException | None) -> None:
     context.usage_recorded = True
     # Before the answer is sent: the call's slot release (deferred by the
     # door) and the settling go to the shared store together.
+    status = context.get("response_status", 500)
+    current = request._get_current_object()
     with store.request_end():
-        _finisher(found, context.get("response_status", 500))()
+        _finisher(context, current, found, status)()
 
 
 def _start() -> None:
-    if request.blueprint in METERED_BLUEPRINTS:
-        meter()
+    current = request._get_current_object()
+    if current.blueprint in METERED_BLUEPRINTS:
+        context = g._get_current_object()
+        if "usage_meter" not in context:
+            context.usage_meter = _new_meter(current)
         # Its end (_record, or the stream's close) sends what the door defers.
         store.hold()
 

@@ -14,6 +14,7 @@ memory and covers this process only, which is then the whole service.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
 import mmap
@@ -33,6 +34,10 @@ BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 #: Per slot: its number (time // SLOT_SECONDS), requests, errors, seconds, buckets.
 _FIELDS = 4 + len(BOUNDS) + 1
 _SLOT = struct.Struct(f"<{_FIELDS}d")
+#: A slot's number, requests, errors and seconds; one of its buckets.
+_HEAD = struct.Struct("<4d")
+_FIELD = struct.Struct("<d")
+_EMPTY = (0.0,) * (_FIELDS - 1)
 _SIZE = _SLOT.size * SLOTS
 FILE_PATTERN = "window-*.bin"
 
@@ -87,17 +92,25 @@ class Window:
         """Count one request that took ``seconds`` (``error``: answered 5xx)."""
         number = int((time.time() if now is None else now) // SLOT_SECONDS)
         offset = (number % SLOTS) * _SLOT.size
-        bucket = next((i for i, b in enumerate(BOUNDS) if seconds <= b), len(BOUNDS))
+        # The first bound >= seconds (len(BOUNDS): the last bucket).
+        bucket = bisect.bisect_left(BOUNDS, seconds)
+        # Only the fields that change are read and written, not the whole slot.
         with self._lock:
             buffer = self._own_buffer()
-            values = list(_SLOT.unpack_from(buffer, offset))
-            if values[0] != number:
-                values = [float(number)] + [0.0] * (_FIELDS - 1)
-            values[1] += 1
-            values[2] += bool(error)
-            values[3] += seconds
-            values[4 + bucket] += 1
-            _SLOT.pack_into(buffer, offset, *values)
+            slot, requests, errors, total = _HEAD.unpack_from(buffer, offset)
+            if slot != number:
+                _SLOT.pack_into(buffer, offset, float(number), *_EMPTY)
+                requests = errors = total = 0.0
+            _HEAD.pack_into(
+                buffer,
+                offset,
+                number,
+                requests + 1,
+                errors + bool(error),
+                total + seconds,
+            )
+            at = offset + (4 + bucket) * _FIELD.size
+            _FIELD.pack_into(buffer, at, _FIELD.unpack_from(buffer, at)[0] + 1)
 
     def summary(self, seconds: float, now: float | None = None) -> Summary:
         """Sum every worker's slots of the last ``seconds`` (whole slots)."""

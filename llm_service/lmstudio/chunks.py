@@ -34,7 +34,9 @@ class UpstreamObject(dict):
         super().__init__(parsed)
         # UTF-8 (no byte-order mark, no UTF-16/32): what a JSON answer is
         # read as. Anything else is encoded again by whoever answers it.
-        self.raw = raw if raw.lstrip()[:1] == b"{" else None
+        # The first byte first: lstrip() copies the whole body.
+        starts = raw[:1] == b"{" or raw.lstrip()[:1] == b"{"
+        self.raw = raw if starts else None
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,16 @@ def parse_usage(raw: Any) -> Usage | None:
     """Parse an OpenAI ``usage`` object; missing, malformed or all-zero: unknown."""
     if not isinstance(raw, dict):
         return None
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    counts = [raw.get(key) for key in keys]
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+    prompt = raw.get("prompt_tokens")
+    completion = raw.get("completion_tokens")
+    total = raw.get("total_tokens")
+    # Once per call: plain tests, no generator. bool is an int, not a count.
+    for count in (prompt, completion, total):
+        if not isinstance(count, int) or isinstance(count, bool):
+            return None
+    if not (prompt or completion or total):
         return None
-    if not any(counts):
-        return None
-    return Usage(prompt=counts[0], completion=counts[1], total=counts[2])
+    return Usage(prompt=prompt, completion=completion, total=total)
 
 
 # -- non-streamed answers ----------------------------------------------------

@@ -6,11 +6,12 @@ import email.utils
 import http.client
 import logging
 import random
+import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ from .errors import (
     safe_excerpt,
 )
 from .stream import UpstreamStream
-from .transport import LeanAdapter
+from .transport import Headers, LeanAdapter
 from .watchdog import CANCELLED, CallScope
 
 log = logging.getLogger("llm_service.lmstudio")
@@ -66,6 +67,8 @@ NOT_SERVED_STATUSES = frozenset({404, 405, 501})
 #: gateway can tell when its upstream is another llm-service.
 VIA_PSEUDONYM = "llm-service"
 LOOP_CODE = "upstream_loop"
+#: Most retry layers a client keeps made (see ``LMStudioClient._retrier``).
+RETRIERS_KEPT = 16
 
 #: Called after every attempt with the upstream status (None: no answer).
 AttemptObserver = Callable[[int | None], None]
@@ -263,6 +266,8 @@ class LMStudioClient:
         self.session.mount("https://", self.adapter)
         #: Each path's URL, checked and quoted once (see _prepare).
         self._urls: dict[str, str] = {}
+        # Listed on every call (see _prepare): a dict's speed.
+        self.session.headers = Headers(self.session.headers)
         self.session.headers["User-Agent"] = "llm-service"
         self.session.headers["Accept"] = "application/json"
         #: True when calls carry ``Authorization: Bearer`` (the token itself
@@ -274,8 +279,22 @@ class LMStudioClient:
             # A request that comes back with this pseudonym went round a loop.
             self.session.headers["Via"] = f"1.1 {via}"
         self.retries = retries
-        self._call_with_retries = self._with_retries(self._attempt, retries)
-        self._open_with_retries = self._with_retries(self._attempt_stream, retries)
+        #: The retry layer around one call or one stream opening, made once
+        #: per (kind, retries, budget): a caller trying several hosts gives
+        #: each but the last no retries, on every call.
+        self._retriers: dict[tuple[str, int, float], Callable] = {}
+
+    def _retrier(self, kind: str, retries: int | None) -> Callable:
+        """``_attempt`` (kind "call") or ``_attempt_stream`` ("open") with retries."""
+        retries = self.retries if retries is None else retries
+        key = (kind, retries, self.retry_budget)
+        retrier = self._retriers.get(key)
+        if retrier is None:
+            if len(self._retriers) >= RETRIERS_KEPT:
+                self._retriers.clear()  # bounded; the few in use come back
+            attempt = self._attempt if kind == "call" else self._attempt_stream
+            retrier = self._retriers[key] = self._with_retries(attempt, retries)
+        return retrier
 
     def _with_retries(self, attempt: Callable, retries: int) -> Callable:
         """Wrap ``attempt`` in the one retry layer: retryable errors only."""
@@ -376,11 +395,8 @@ class LMStudioClient:
         if observer is not None:
             began = time.monotonic()
             observer.call_started(True)
-        opener = self._open_with_retries
-        if retries is not None and retries != self.retries:
-            opener = self._with_retries(self._attempt_stream, retries)
         try:
-            response = opener(
+            response = self._retrier("open", retries)(
                 path,
                 {**payload, "stream": True},
                 correlation_id=self._current_correlation_id(),
@@ -539,11 +555,8 @@ class LMStudioClient:
         if observer is not None:
             began = time.monotonic()
             observer.call_started(False)
-        call = self._call_with_retries
-        if retries is not None and retries != self.retries:
-            call = self._with_retries(self._attempt, retries)
         try:
-            result = call(
+            result = self._retrier("call", retries)(
                 method,
                 path,
                 json=json,
@@ -698,13 +711,13 @@ class LMStudioClient:
         # A read cut to what is left of the budget that then times out ran out
         # of the budget, just as when the scope's deadline wins that race.
         budget_bound = read < read_timeout
-        headers = dict(self.extra_headers()) if self.extra_headers else {}
+        headers = list(self.extra_headers().items()) if self.extra_headers else []
         if correlation_id:
-            headers["X-Correlation-ID"] = correlation_id
+            headers.append(("X-Correlation-ID", correlation_id))
             # llama-cpp-python's server answers an empty 400 to an X-Request-ID
             # that is not a UUID: send it only where every upstream accepts it.
             if _is_uuid(correlation_id):
-                headers["X-Request-ID"] = correlation_id
+                headers.append(("X-Request-ID", correlation_id))
         generation = method == "POST" and not stream
         if generation:
             self._track_generation(1)
@@ -764,7 +777,11 @@ class LMStudioClient:
         return self.session.send(prepared, allow_redirects=False, **options)
 
     def _prepare(
-        self, method: str, path: str, payload: Any, headers: Mapping[str, str]
+        self,
+        method: str,
+        path: str,
+        payload: Any,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> requests.PreparedRequest:
         """Build the request as ``Session.request`` would, without its per-call work.
 
@@ -783,19 +800,21 @@ class LMStudioClient:
         prepared = requests.PreparedRequest()
         prepared.method = method
         prepared.url = url
-        prepared.headers = self.session.headers.copy()
-        prepared.headers.update(headers)
+        # One dict built in one go: the session's headers, the call's, then
+        # the body's (later names win, whatever their case).
+        sent = [*self.session.headers.items(), *headers]
         if payload is None:
             if method not in ("GET", "HEAD"):
-                prepared.headers["Content-Length"] = "0"
-            return prepared
-        try:
-            body = complexjson.dumps(payload, allow_nan=False).encode("utf-8")
-        except ValueError as err:
-            raise requests.exceptions.InvalidJSONError(err) from err
-        prepared.body = body
-        prepared.headers["Content-Type"] = "application/json"
-        prepared.headers["Content-Length"] = str(len(body))
+                sent.append(("Content-Length", "0"))
+        else:
+            try:
+                body = complexjson.dumps(payload, allow_nan=False).encode("utf-8")
+            except ValueError as err:
+                raise requests.exceptions.InvalidJSONError(err) from err
+            prepared.body = body
+            sent.append(("Content-Type", "application/json"))
+            sent.append(("Content-Length", str(len(body))))
+        prepared.headers = Headers.of(sent)
         return prepared
 
     def _read_body(self, response: requests.Response) -> bool:
@@ -1096,7 +1115,16 @@ def _is_handler_exception(body: Any) -> bool:
     )
 
 
+#: The form of every UUID the gateway makes itself (most correlation IDs).
+_CANONICAL_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
 def _is_uuid(value: str) -> bool:
+    """True when ``uuid.UUID`` takes ``value`` (what llama-cpp-python checks)."""
+    if _CANONICAL_UUID.fullmatch(value):
+        return True
     try:
         uuid.UUID(value)
     except ValueError:

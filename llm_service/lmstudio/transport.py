@@ -8,12 +8,19 @@ the target are looked up once per URL (and settings), and answers carry no
 cookies: the gateway never sends an upstream's cookie back (one caller's
 cookie must never ride on another caller's call), so parsing them bought
 nothing.
+
+The headers of a request and of an answer are :class:`Headers`, which urllib3
+copies and lists at the speed of a dict, and an answer's (empty) cookie jar is
+made only if someone asks for it.
 """
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterable, ValuesView
 from typing import Any
 
+from requests.cookies import RequestsCookieJar
 from requests.models import PreparedRequest, Response
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
@@ -62,9 +69,9 @@ class LeanAdapter(ScopedAdapter):
 
     def build_response(self, req: PreparedRequest, resp: Any) -> Response:
         """requests' own response, without the cookies (see the module's docstring)."""
-        response = Response()
+        response = LeanResponse()
         response.status_code = getattr(resp, "status", None)
-        response.headers = CaseInsensitiveDict(getattr(resp, "headers", {}))
+        response.headers = Headers.merged(getattr(resp, "headers", {}))
         response.encoding = get_encoding_from_headers(response.headers)
         response.raw = resp
         response.reason = resp.reason
@@ -77,6 +84,73 @@ class LeanAdapter(ScopedAdapter):
         self._pools.clear()
         self._targets.clear()
         super().close()
+
+
+class Headers(CaseInsensitiveDict):
+    """requests' case-insensitive headers, copied and listed at a dict's speed.
+
+    urllib3 copies a request's headers and lists them on every send; the
+    inherited ``copy`` and ``items`` go key by key through ``MutableMapping``,
+    lowering each key again.
+    """
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, str]]) -> Headers:
+        """Headers holding ``pairs`` (names differing in case: the last wins)."""
+        headers = cls.__new__(cls)
+        headers._store = {name.lower(): (name, value) for name, value in pairs}
+        return headers
+
+    @classmethod
+    def merged(cls, received: Any) -> Headers:
+        """An answer's headers; a repeated one's values joined as requests does."""
+        merge = getattr(received, "itermerged", None)
+        if merge is None:
+            return cls(received)
+        return cls.of(merge())
+
+    def copy(self) -> Headers:
+        headers = Headers.__new__(Headers)
+        headers._store = self._store.copy()
+        return headers
+
+    def items(self) -> ValuesView[tuple[str, str]]:  # type: ignore[override]
+        """``(name, value)`` pairs, names as given (what ``items()`` yields)."""
+        return self._store.values()
+
+
+class LeanResponse(Response):
+    """requests' :class:`Response`, its empty cookie jar made on first use.
+
+    The adapter never fills it (see the module's docstring); making it on every
+    answer (a jar, a cookie policy) cost more than the rest of the object.
+    """
+
+    def __init__(self) -> None:
+        # What Response.__init__ sets, but the jar.
+        self._content = False
+        self._content_consumed = False
+        self._next = None
+        self.status_code = None  # type: ignore[assignment]
+        self.headers = CaseInsensitiveDict()
+        self.raw = None
+        self.url = None  # type: ignore[assignment]
+        self.encoding = None
+        self.history = []
+        self.reason = None  # type: ignore[assignment]
+        self.elapsed = datetime.timedelta(0)
+        self.request = None  # type: ignore[assignment]
+
+    @property  # type: ignore[override]
+    def cookies(self) -> RequestsCookieJar:
+        jar = self.__dict__.get("_cookies")
+        if jar is None:
+            jar = self.__dict__["_cookies"] = RequestsCookieJar()
+        return jar
+
+    @cookies.setter
+    def cookies(self, jar: RequestsCookieJar) -> None:
+        self.__dict__["_cookies"] = jar
 
 
 def _frozen(proxies: dict[str, str] | None) -> tuple:

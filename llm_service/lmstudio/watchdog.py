@@ -19,7 +19,6 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Iterator
 
 # Bound at import: a test that fakes the client's clock must not stop this one.
 from time import monotonic
@@ -90,15 +89,9 @@ class CallScope:
             self.finished = True
             self._sockets.clear()
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[CallScope]:
+    def active(self) -> _Active:
         """Make this the scope of connections used by the current thread."""
-        previous = getattr(_current, "scope", None)
-        _current.scope = self
-        try:
-            yield self
-        finally:
-            _current.scope = previous
+        return _Active(self)
 
     # -- called by the connections -------------------------------------------
 
@@ -127,6 +120,24 @@ class CallScope:
             sockets = list(self._sockets)
         for sock in sockets:
             _shutdown(sock)
+
+
+class _Active:
+    """``with scope.active()``: a class, not a generator (once per attempt)."""
+
+    __slots__ = ("previous", "scope")
+
+    def __init__(self, scope: CallScope) -> None:
+        self.scope = scope
+        self.previous: CallScope | None = None
+
+    def __enter__(self) -> CallScope:
+        self.previous = getattr(_current, "scope", None)
+        _current.scope = self.scope
+        return self.scope
+
+    def __exit__(self, *_exc: object) -> None:
+        _current.scope = self.previous
 
 
 def current_scope() -> CallScope | None:
@@ -211,7 +222,12 @@ class Watchdog:
                     due.append(scope)
             if due:
                 return due
-            timeout = self._heap[0][0] - now if self._heap else None
+            timeout = None
+            if self._heap:
+                # A deadline past what a wait takes (a budget of "inf") would
+                # raise OverflowError here and end the thread: no later call
+                # would ever be cut at its deadline.
+                timeout = min(self._heap[0][0] - now, threading.TIMEOUT_MAX)
             self._cond.wait(timeout)
 
 

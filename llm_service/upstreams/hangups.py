@@ -17,7 +17,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from flask import has_request_context, request
@@ -27,19 +27,28 @@ from ..lmstudio.watchdog import CallScope
 log = logging.getLogger("llm_service.streaming")
 
 
-@contextlib.contextmanager
-def hangup_scope() -> Iterator[CallScope]:
+def hangup_scope() -> _HangupScope:
     """Give an upstream call a scope that is cancelled if this client hangs up.
 
-    Outside a request (the CLI) the scope is never cancelled.
+    ``with hangup_scope() as scope:``. Outside a request (the CLI) the scope is
+    never cancelled.
     """
-    scope = CallScope()
-    sock = request.environ.get("gunicorn.socket") if has_request_context() else None
-    stop_watching = disconnects.watch(sock, scope.cancel)
-    try:
-        yield scope
-    finally:
-        stop_watching()
+    return _HangupScope()
+
+
+class _HangupScope:
+    """The context of :func:`hangup_scope`: a class, not a generator (every call)."""
+
+    __slots__ = ("_stop_watching",)
+
+    def __enter__(self) -> CallScope:
+        scope = CallScope()
+        sock = request.environ.get("gunicorn.socket") if has_request_context() else None
+        self._stop_watching = disconnects.watch(sock, scope.cancel)
+        return scope
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop_watching()
 
 
 class DisconnectWatcher:

@@ -525,10 +525,12 @@ class _Plan:
             admit = self.pool.acquire if self.admit else _in_flight_only
             release = admit(host, ticket)
             try:
-                with self.pool._heard(host), scope() as call_scope:
+                with scope() as call_scope:
                     result = send(host.client, call_scope, budget)
             except LMStudioError as err:
                 release()
+                if isinstance(err, NoModelLoadedError):
+                    host.forget()  # as Upstream._heard does
                 if not self.failed(host, err):
                     raise self.final(err) from None
                 continue
@@ -734,8 +736,9 @@ def _record_attempt(status: int | None) -> None:
     # Called for the attempts of the request's own upstream call only: health
     # probes made on the way (e.g. to pick a model) are not retries.
     if has_request_context():
-        g.upstream_status = status
-        g.upstream_attempts = g.get("upstream_attempts", 0) + 1
+        state = g._get_current_object()  # once: each use of the proxy costs
+        state.upstream_status = status
+        state.upstream_attempts = state.get("upstream_attempts", 0) + 1
 
 
 def _request_correlation_id() -> str | None:

@@ -292,6 +292,28 @@ def test_failed_authentications_spend_the_address_limit(make_app, upstream):
         assert response.status_code == 200
 
 
+def test_valid_keys_skip_the_address_limiter_entirely(make_app, upstream):
+    app = make_app(RATE_LIMIT_REQUESTS=2)
+    key = create_key(app)
+    limiter = app.extensions["llm_service.limiter"]
+    checked = []
+    identify = limiter.identify_request
+    limiter.identify_request = lambda: checked.append(1) or identify()
+    client = app.test_client()
+    for _ in range(3):
+        upstream.post(CHAT, json=COMPLETION)
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(key))
+        assert response.status_code == 200
+        assert "X-RateLimit-Limit" not in response.headers
+    assert checked == []  # decided before any of Flask-Limiter's work
+    # Everyone else still goes through it, and the keyed calls spent nothing.
+    wrong = bearer("sk-llm-000000000000_guess")
+    response = client.post("/v1/chat/completions", json=HELLO, headers=wrong)
+    assert response.status_code == 401
+    assert response.headers["X-RateLimit-Remaining"] == "1"
+    assert checked == [1]
+
+
 def test_health_details_only_for_admin_keys_once_keys_exist(keyed_app, upstream):
     upstream.get(MODELS, json={"object": "list", "data": []})
     client = keyed_app.test_client()

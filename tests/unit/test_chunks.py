@@ -11,7 +11,7 @@ from llm_service.lmstudio import (
     read_chat_completion,
     read_text_completion,
 )
-from llm_service.lmstudio.chunks import finishes, stream_error
+from llm_service.lmstudio.chunks import UpstreamObject, finishes, stream_error
 
 #: Chunks whose shape is not the API's, each with an id; shared with the
 #: integration tests, which send them through the gateway.
@@ -143,3 +143,17 @@ def test_finishes_reads_chat_and_text_chunks(data, finished):
 )
 def test_stream_error_reads_the_error_key_only(data, message):
     assert stream_error(SSEEvent(data)) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "relayed"),
+    [
+        (b'{"a": 1}', True),
+        (b' \r\n\t{"a": 1}\n', True),
+        (b'\xef\xbb\xbf{"a": 1}', False),
+        ('{"a": 1}'.encode("utf-16"), False),
+        (b"", False),
+    ],
+)
+def test_an_upstream_object_keeps_its_bytes_only_as_utf8_json(raw, relayed):
+    assert (UpstreamObject({"a": 1}, raw).raw is raw) is relayed

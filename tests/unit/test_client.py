@@ -131,6 +131,22 @@ def test_gives_up_after_retry_count(client, upstream, sleeps):
     assert 0.25 <= sleeps[0] <= 0.5 <= sleeps[1] <= 1.0
 
 
+def test_a_hosts_own_retry_count_holds_on_every_call(client, upstream, sleeps):
+    """A caller trying several hosts gives one no retries: every call, not just
+    the first (the retry layer for that count is made once and kept)."""
+    upstream.post(CHAT, status=500, json={"error": "boom"})
+    for _ in range(2):
+        with pytest.raises(LMStudioServerError) as info:
+            client.chat_completion(PAYLOAD, retries=0)
+        assert info.value.attempts == 1
+    with pytest.raises(LMStudioServerError) as info:
+        client.chat_completion(PAYLOAD)
+    assert info.value.attempts == 3
+    assert len(upstream.calls) == 5
+    assert len(sleeps) == 2
+    assert len(client._retriers) == 2
+
+
 def test_honours_retry_after(client, ordered, sleeps):
     ordered.post(CHAT, status=429, headers={"Retry-After": "3"}, json={"error": "x"})
     ordered.post(CHAT, json=chat_completion())
@@ -423,7 +439,17 @@ def test_an_error_answer_of_a_stream_over_the_limit_is_refused(upstream):
 
 @pytest.mark.parametrize(
     ("correlation_id", "request_id"),
-    [("my-request-1", None), ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same")],
+    [
+        ("my-request-1", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same"),
+        ("1B4E28BA-2FA1-11D2-883F-0016D3CCA427", "same"),
+        # Forms uuid.UUID (and so llama-cpp-python) takes too.
+        ("1b4e28ba2fa111d2883f0016d3cca427", "same"),
+        ("urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427", "same"),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca42", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca427a", None),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca42g", None),
+    ],
 )
 def test_x_request_id_goes_upstream_only_as_a_uuid(
     upstream, correlation_id, request_id

@@ -113,3 +113,22 @@ def test_health_routes_are_not_rate_limited(app_factory, upstream):
         client.get(path).status_code for path in ["/health", "/health/live"] * 5
     }
     assert statuses == {200}
+
+
+def test_a_call_that_hears_no_model_is_loaded_drops_the_cached_probe(
+    app_factory, upstream
+):
+    client = app_factory(HEALTH_CACHE_SECONDS=60).test_client()
+    lmstudio_up(upstream)
+    assert client.get("/health/ready").status_code == 200
+    upstream.post(
+        f"{UPSTREAM}/v1/chat/completions",
+        status=400,
+        json={"error": "No models loaded. Please load a model."},
+    )
+    hello = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+    response = client.post("/llm/message", json=hello)
+    assert response.json["error"]["code"] == "no_model_loaded"
+    assert client.get("/health/ready").status_code == 200
+    # The cached probe was dropped: the next one asked the upstream again.
+    assert [call.request.url for call in upstream.calls].count(MODELS) == 2

@@ -27,6 +27,17 @@ def test_shapes():
     assert len({ids.random_hex(16) for _ in range(10_000)}) == 10_000
 
 
+def test_uuid_text_is_a_version_4_uuid_as_str_gives_it(monkeypatch):
+    import uuid
+
+    monkeypatch.setattr(ids, "_generator", random.Random(17))
+    expected = [str(ids.new_uuid()) for _ in range(100)]
+    monkeypatch.setattr(ids, "_generator", random.Random(17))
+    assert [ids.new_uuid_text() for _ in range(100)] == expected
+    parsed = uuid.UUID(expected[0])
+    assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
 def test_seeding_the_global_generator_makes_no_two_ids_alike():
     random.seed(7)
     first = ids.random_hex(16)

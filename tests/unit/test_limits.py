@@ -444,3 +444,11 @@ def test_retry_after_and_reset_are_the_windows_real_reset_time(
     assert client.post("/llm/message", json={}).headers["Retry-After"] == "1"
     clock[0] = 1060.0
     assert client.post("/llm/message", json={}).status_code == 422  # a new window
+
+
+def test_a_disabled_limiter_limits_nobody_and_adds_no_headers(app_factory):
+    """Flask-Limiter registers no hooks then: the exemptions go to its filter."""
+    client = app_factory(RATE_LIMIT_REQUESTS=1, RATELIMIT_ENABLED=False).test_client()
+    answers = [client.post("/llm/message", json={}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [422, 422, 422]
+    assert all("X-RateLimit-Limit" not in a.headers for a in answers)

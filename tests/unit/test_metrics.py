@@ -297,6 +297,21 @@ def test_the_window_sums_recent_slots_only():
     assert window.summary(SLOT_SECONDS, now + 31 * SLOT_SECONDS).requests == 1
 
 
+def test_a_request_counts_in_the_first_bucket_its_time_fits():
+    from llm_service import window as window_module
+
+    window = Window()
+    now = 1_000_000.0
+    for seconds in (0.005, 0.0051, 120, 121):
+        window.record(seconds, error=False, now=now)
+    offset = (int(now // SLOT_SECONDS) % window_module.SLOTS) * window_module._SLOT.size
+    slot = window_module._SLOT.unpack_from(window._buffer, offset)
+    buckets = slot[4:]
+    assert (buckets[0], buckets[1], buckets[-2], buckets[-1]) == (1, 1, 1, 1)
+    assert sum(buckets) == 4
+    assert slot[1:4] == (4, 0, 0.005 + 0.0051 + 120 + 121)
+
+
 def test_workers_windows_are_summed(tmp_path, monkeypatch):
     """Each process writes a file of its own; a summary reads them all."""
     first, second = Window(str(tmp_path)), Window(str(tmp_path))

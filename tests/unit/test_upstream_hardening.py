@@ -264,6 +264,32 @@ def test_cancel_wakes_a_blocked_call_and_closes_the_connection(silent):
     assert silent.closed_at, "the upstream never saw the connection close"
 
 
+def test_a_scope_is_the_threads_only_while_active_even_when_it_raises():
+    from llm_service.lmstudio.watchdog import current_scope
+
+    outer, inner = CallScope(), CallScope()
+    seen = []
+
+    def fail_inside() -> None:
+        with inner.active():
+            seen.append(current_scope())
+            raise RuntimeError
+
+    assert current_scope() is None
+    with outer.active() as entered:
+        assert entered is outer
+        with pytest.raises(RuntimeError):
+            fail_inside()
+        assert seen == [inner]
+        assert current_scope() is outer
+    assert current_scope() is None
+    thread = threading.Thread(target=lambda: seen.append(current_scope()))
+    with outer.active():
+        thread.start()
+        thread.join()
+    assert seen == [inner, None]
+
+
 def test_budget_ends_a_call_whose_reads_never_time_out(silent):
     from llm_service.lmstudio import LMStudioTimeoutError
 
@@ -372,3 +398,22 @@ def test_the_watchdog_forgets_finished_calls_long_before_their_deadlines():
     while late.reason is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert late.reason is not None
+
+
+def test_a_deadline_too_far_to_wait_for_leaves_the_watchdog_running():
+    """A budget of ``inf`` (the settings take it) must not end the thread."""
+    from llm_service.lmstudio.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    endless = CallScope()
+    endless.deadline = float("inf")
+    watchdog.schedule(endless, endless.deadline)
+    time.sleep(0.1)  # the thread now waits for that deadline
+    soon = CallScope()
+    soon.deadline = time.monotonic() + 0.2
+    watchdog.schedule(soon, soon.deadline)
+    deadline = time.monotonic() + 5
+    while soon.reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert soon.reason is not None
+    assert endless.reason is None

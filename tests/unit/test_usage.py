@@ -252,3 +252,47 @@ def test_record_ids_are_version_7_uuids_in_time_order(monkeypatch):
     later = new_uuid7_hex()
     assert later > max(ids)
     assert int(later[:12], 16) == now // 1_000_000 + 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "expected"),
+    [
+        # Every string of the messages counts: "system", "Be brief.", "user",
+        # "text", "Hi": 25 characters -> 7 tokens, + 4 per message.
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                ],
+                "max_tokens": 7,
+                "model": "m",
+            },
+            "application/json",
+            ("m", 15, 7),
+        ),
+        ("/v1/completions", {"prompt": "abcdefghi"}, "application/json", (None, 3, 0)),
+        ("/v1/completions", {"prompt": ["ab", "cd"]}, "application/json", (None, 1, 0)),
+        ("/v1/embeddings", {"input": ["abcde"]}, "application/json", (None, 2, 0)),
+        ("/v1/chat/completions", {"messages": []}, "text/plain", (None, 0, 0)),
+        ("/v1/chat/completions", None, "application/json", (None, 0, 0)),
+    ],
+)
+def test_the_prompt_estimate_counts_the_text_a_body_sends(
+    app, path, body, content_type, expected
+):
+    """Reservations rest on it: text characters / 4, + 4 per chat message."""
+    data = json.dumps(body) if body is not None else "{not json"
+    with app.test_request_context(
+        path, method="POST", data=data, content_type=content_type
+    ):
+        found = usage.meter()
+    model, prompt, max_tokens = expected
+    if max_tokens == 0 and path != "/v1/embeddings":
+        max_tokens = app.config["DEFAULT_MAX_TOKENS"]
+    assert (found.model, found.prompt_estimate, found.max_tokens) == (
+        model,
+        prompt,
+        max_tokens,
+    )
