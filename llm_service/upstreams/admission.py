@@ -109,11 +109,12 @@ class SlotStore(Protocol):
         slots: Callable[[], int | None],
         then: Callable[[Lease | None], None],
     ) -> None:
-        """Ask for a slot with the request's next trip to a shared store.
+        """Ask for a slot in the request's quota admission, if it admits.
 
-        At that trip ``slots()`` gives the host's slots (None: ask nothing),
-        and ``then`` hears the lease, or None. A store with no trips to share
-        asks nothing (``then`` is never called).
+        At the admission's trip to a shared store, ``slots()`` gives the
+        host's slots (None: ask nothing), and ``then`` hears the lease, or
+        None (refused by the quota, no slot free, the store failing). A store
+        with no trips to share asks nothing (``then`` is never called).
         """
 
 

@@ -56,9 +56,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #: Free slots go to the processes that have waited longest first (one turn
 #: each, then to the back of the line): without this, the process that just
 #: released a slot would take it again before any other heard of it. An ask
-#: made before any request of the process waits (:meth:`SharedSlots.ask_along`)
-#: keeps out of the line when refused: the request asks again, from the door,
-#: if it is still there.
+#: made along the quota admission, while no request of the process waits
+#: (:meth:`SharedSlots.ask_along`), keeps out of the line when refused: the
+#: request asks again, from the door.
 ACQUIRE = (
     _NOW_MS
     + """
@@ -256,13 +256,15 @@ class SharedSlots:
         slots: Callable[[], int | None],
         then: Callable[[Lease | None], None],
     ) -> None:
-        """Ask for a slot of ``host`` with this request's next trip to Redis.
+        """Ask for a slot of ``host`` inside this request's quota admission.
 
         :meth:`try_acquire` without a trip of its own (:func:`..store.ride`):
-        at the trip, ``slots()`` gives the host's slots, or None to ask
-        nothing; ``then`` hears the lease taken, or None (refused: the process
-        does not join the line; Redis away or failing: counted as a failure).
-        Nothing is asked while Redis is away (slots are counted here then).
+        at the admission's trip, ``slots()`` gives the host's slots, or None
+        to ask nothing; the ACQUIRE script runs in the admission's script,
+        only if the request was admitted. ``then`` hears the lease taken, or
+        None (not admitted, or no slot free: the process does not join the
+        line; Redis away or failing: counted as a failure). Nothing is asked
+        while Redis is away (slots are counted here then).
         """
         lease: Lease | None = None  # made at the trip, if one is asked for
 
@@ -284,6 +286,7 @@ class SharedSlots:
                 return
             self._backoff = 1.0
             assert lease is not None  # answered: prepared
+            # None: not run (the request was not admitted), nothing taken.
             then(self.redis.took(lease, reply))
 
         store.ride(self.redis.client, prepare, answer)

@@ -11,8 +11,9 @@ request defaults both APIs share, and runs every call so:
    :mod:`.discovery` found and the conversation's host);
 2. **admit**: :meth:`Upstream.acquire` counts the call in flight at the chosen
    host until it (or its stream) ends: the one seam where a slot of that host
-   is taken (with one host, the slot may have been asked for before the view,
-   with the request's first trip to the shared store: it is used here);
+   is taken (with one host, the slot may have been taken before the view,
+   in the quota admission's script once it admitted the request: it is used
+   here);
 3. **call**, in a scope that a client hang-up cancels;
 4. **fail over**: a connection error, a 5xx or a stream cut before its first
    event moves to the next host, inside the one budget of attempts and time
@@ -712,9 +713,10 @@ def _asks_slot_early(upstream: Upstream) -> Callable[[], None]:
     """With one host: ask for its slot along the request's first store trip.
 
     A generation request (the only POSTs; a listing takes no slot) saves a
-    trip to the shared store: the slot is asked for with its quota admission
-    (:class:`.queueing.EarlySlot`). A request with no such trip (no quota, not
-    metered, Redis away) has its slot taken by the door, as any other.
+    trip to the shared store: the slot is taken in its quota admission's
+    script, if that admits it (:class:`.queueing.EarlySlot`). A request with
+    no such trip (no quota, not metered, Redis away) has its slot taken by
+    the door, as any other.
     """
     admission, host = upstream.admission, upstream.hosts[0].slot_key
 

@@ -2,8 +2,8 @@
 
 The door (:mod:`.pool`) takes a slot of the host before each generation call
 or stream opens, and gives it back when the call ends or the stream closes.
-With one host it may find the slot taken already (:class:`EarlySlot`: asked
-for with the request's quota admission, one trip to the shared store for both).
+With one host it may find the slot taken already (:class:`EarlySlot`: taken
+in the script of the request's quota admission, if it admitted the request).
 This module is the Flask side of :mod:`.admission`: who the caller is (the
 API key's name and weight once keys exist, else the client address), a
 hang-up while queued (the disconnect watcher cancels the ticket: the request
@@ -136,12 +136,13 @@ class EarlySlot:
     """A slot of one host asked for before the view, with another trip.
 
     Made before the view when the host is known already (one host): the slot
-    is asked for along the request's first trip to the shared store (the
-    quota admission's, :meth:`~.leases.SharedSlots.ask_along`), and only if no
-    request of this process waits for the host at that moment, so it passes
-    nobody. The door takes the admitted ticket with :meth:`claim`; one still
-    unclaimed when the request ends (refused by its quota, invalid, failed
-    before its call) is given back then, with the request's other end-writes.
+    is asked for in the script of the request's quota admission
+    (:meth:`~.leases.SharedSlots.ask_along`), taken only if the quota
+    admitted the request, and asked only if no request of this process waits
+    for the host at that moment, so it passes nobody. The door takes the
+    admitted ticket with :meth:`claim`; one still unclaimed when the request
+    ends (an invalid body, a failure before its call) is given back then,
+    with the request's other end-writes.
     """
 
     def __init__(self, admission: Admission, host: str) -> None:
