@@ -296,9 +296,11 @@ class FusedScript:
     (the first's, then each rider's); the reply is ``{first's reply}``, or,
     when ``condition`` (Lua, over the first's ``reply``) holds,
     ``{first's reply, each rider's reply}``. A rider that fails leaves the
-    first's work and reply as they are: its reply is its error. Run by its
+    first's work and reply as they are: its reply is its error. The first
+    must reply with a value (a Lua table ends at its first nil). Run by its
     sha as a registered script is (``script``, ``sha``), and loaded again when
-    Redis forgot it.
+    Redis forgot it. Every key is still declared in KEYS (one Redis, not a
+    Cluster's slots: the parts' keys need not share a hash tag).
     """
 
     def __init__(self, first: str, riders: Sequence[str], condition: str) -> None:
