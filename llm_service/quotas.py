@@ -135,6 +135,11 @@ end
 return {1, 0, 0, reqs + 1, used + tokens, req_reset, tok_reset}
 """
 
+#: Lua, over _ADMIT's ``reply``: the request was admitted. A script riding
+#: along with the admission (:func:`.store.ride`: the door's slot lease) runs
+#: in the same script, and only then: a refused request takes nothing else.
+ADMITTED = "reply[1] == 1"
+
 # KEYS: tokens, leases, tokens total. ARGV: id, reserved, actual, release lease.
 _FINISH = """
 if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[1]) end
@@ -221,6 +226,7 @@ class RedisQuotas:
                 WINDOW_MS,
                 CONCURRENCY_RETRY_MS,
             ],
+            riders_if=ADMITTED,
         )
         return Verdict(bool(result[0]), *(int(v) for v in result[1:]))
 

@@ -16,6 +16,12 @@ The door hands the release of a finished call to :func:`defer`: while the
 request that made it is :func:`held <hold>`, it runs in that request's
 :func:`request_end`, so the release and the settling share the trip.
 
+A request's first trip can also carry a script for another owner, run only
+if the trip's own script allows it, in one atomic script: one that
+:func:`ride` registered goes with this thread's next :func:`run` that says
+when riders may run (the door asks for its slot lease with the quota
+admission: the lease is taken only if the request was admitted).
+
 The scopes are per thread (a request is served by one thread, its stream
 too); the request layers open and close them, this module knows no Flask
 request.
@@ -31,6 +37,7 @@ again as the round trip.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -51,6 +58,13 @@ TIMEOUT = 0.5
 
 #: ``done(error)``: called once a write ran (``None``) or failed.
 Done = Callable[[Exception | None], None]
+#: ``prepare()``, at the trip: the script to send along (a registered Lua
+#: script, its body run inside another), its keys and its arguments, or None
+#: to send nothing.
+Prepare = Callable[[], tuple[Any, Sequence[Any], Sequence[Any]] | None]
+#: ``answer(reply)``: the script's reply, None if it did not run (the trip's
+#: own script did not allow it), or the error (an Exception) it or its trip met.
+Answer = Callable[[Any], None]
 
 _local = threading.local()
 
@@ -160,6 +174,7 @@ def request_end() -> Iterator[None]:
         return
     deferred = getattr(_local, "deferred", None) or []
     _local.deferred = None
+    _local.riders = None
     writes: list[tuple[Any, Any, list[str], list[Any], Done]] = []
     _local.writes = writes
     try:
@@ -183,6 +198,7 @@ def _begin() -> None:
     # nothing) runs now rather than waiting for this one's end.
     run_deferred()
     _local.deferred = None
+    _local.riders = None
 
 
 def _run(work: Callable[[], None]) -> None:
@@ -222,6 +238,136 @@ def _execute(
     return [r if isinstance(r, Exception) else None for r in replies]
 
 
+# -- scripts sent along ----------------------------------------------------------
+
+
+def ride(client: Any, prepare: Prepare, answer: Answer) -> None:
+    """Send a script with this thread's next :func:`run` on ``client``'s pool
+    that takes riders (``riders_if``), inside its script.
+
+    Only while this thread's request is :func:`held <hold>` (its end, where
+    the owner gives back what the script took, is to come) and not ending:
+    ``prepare`` is called at that trip, ``answer`` right after it (before
+    :func:`run` returns), both on this thread. A script never sent (no such
+    trip came before the request ended) is forgotten: its owner finds
+    ``prepare`` was never called.
+    """
+    riders = getattr(_local, "riders", None)
+    if riders is None:
+        riders = _local.riders = []
+    riders.append((connections(client), prepare, answer))
+
+
+def _boarding(
+    lean: Connections,
+) -> list[tuple[Any, Sequence[Any], Sequence[Any], Answer]]:
+    """What goes along with a trip on ``lean`` now: script, keys, args, answer."""
+    riders = _local.riders
+    held = getattr(_local, "deferred", None) is not None
+    if not held or getattr(_local, "writes", None) is not None:
+        return []  # no request held, or its end: nowhere to give back
+    boarding = []
+    for rider in [r for r in riders if r[0] is lean]:
+        riders.remove(rider)
+        _, prepare, answer = rider
+        try:
+            prepared = prepare()
+        except Exception:  # the trip's own script must still go
+            log.exception("preparing a script to send along failed")
+            continue
+        if prepared is not None:
+            boarding.append((*prepared, answer))
+    return boarding
+
+
+def _answer(answer: Answer, reply: Any) -> None:
+    try:
+        answer(reply)
+    except Exception:
+        log.exception("a script sent along could not take its reply")
+
+
+class FusedScript:
+    """One Lua script that runs a first script, then riders if its reply allows.
+
+    Each script's body becomes a local function of ``(KEYS, ARGV)``, given its
+    own slices of the fused script's keys and arguments, so it runs as it
+    would alone. ARGV begins with each part's number of keys and of arguments
+    (the first's, then each rider's); the reply is ``{first's reply}``, or,
+    when ``condition`` (Lua, over the first's ``reply``) holds,
+    ``{first's reply, each rider's reply}``. A rider that fails leaves the
+    first's work and reply as they are: its reply is its error. The first
+    must reply with a value (a Lua table ends at its first nil). Run by its
+    sha as a registered script is (``script``, ``sha``), and loaded again when
+    Redis forgot it. Every key is still declared in KEYS (one Redis, not a
+    Cluster's slots: the parts' keys need not share a hash tag).
+    """
+
+    def __init__(self, first: str, riders: Sequence[str], condition: str) -> None:
+        parts = [first, *riders]
+        lines = [
+            f"local function part_{n}(KEYS, ARGV)\n{body}\nend"
+            for n, body in enumerate(parts)
+        ]
+        lines.append(
+            _FUSED_RUN.replace("%PARTS%", str(len(parts)))
+            .replace("%RIDERS%", ", ".join(f"part_{n}" for n in range(1, len(parts))))
+            .replace("%CONDITION%", condition)
+        )
+        self.script = "\n".join(lines)
+        self.sha = hashlib.sha1(self.script.encode(), usedforsecurity=False).hexdigest()
+
+
+_FUSED_RUN = """
+local function slice(from, at, count)
+  local part = {}
+  for i = 1, count do part[i] = from[at + i] end
+  return part
+end
+local key_at, arg_at = 0, 2 * %PARTS%
+local function next_part(n)
+  local keys, args = tonumber(ARGV[2 * n - 1]), tonumber(ARGV[2 * n])
+  local sliced = {slice(KEYS, key_at, keys), slice(ARGV, arg_at, args)}
+  key_at, arg_at = key_at + keys, arg_at + args
+  return sliced
+end
+local first = next_part(1)
+local reply = part_0(first[1], first[2])
+local replies = {reply}
+if not (%CONDITION%) then return replies end
+for n, rider in ipairs({%RIDERS%}) do
+  local sliced = next_part(n + 1)
+  local ok, answer = pcall(rider, sliced[1], sliced[2])
+  if not ok then
+    if type(answer) ~= 'table' then answer = redis.error_reply(tostring(answer)) end
+  elseif answer == nil then
+    answer = false
+  end
+  replies[n + 1] = answer
+end
+return replies
+"""
+
+#: The fused scripts made so far, by their parts' sha and their condition.
+_fused: dict[tuple[str, ...], FusedScript] = {}
+
+
+def fused(first: Any, riders: Sequence[Any], condition: str) -> FusedScript:
+    """The script that runs ``first``, then ``riders`` if ``condition`` holds."""
+    key = (first.sha, *(rider.sha for rider in riders), condition)
+    found = _fused.get(key)
+    if found is None:
+        found = _fused[key] = FusedScript(
+            _text(first), [_text(rider) for rider in riders], condition
+        )
+    return found
+
+
+def _text(script: Any) -> str:
+    body = script.script
+    return body.decode() if isinstance(body, bytes) else body
+
+
 # -- the lean command path -------------------------------------------------------
 
 
@@ -229,16 +375,66 @@ def _evalsha(script: Any, keys: Sequence[Any], args: Sequence[Any]) -> tuple:
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-def run(client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+def run(
+    client: Any,
+    script: Any,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    riders_if: str | None = None,
+) -> Any:
     """Run ``script`` (registered on ``client``) in one round trip; its reply.
 
     As ``script(keys=keys, args=args)``, raising what it would, on the lean
     path. A script Redis forgot is loaded and run again.
+
+    ``riders_if``: the scripts that :func:`ride` along may go with this one,
+    in the same atomic script (:class:`FusedScript`), and run after it only
+    when this Lua condition over its ``reply`` holds (``"reply[1] == 1"``).
+    Without it, none goes.
     """
-    reply = connections(client).run([_evalsha(script, keys, args)], [script])[0]
+    lean = connections(client)
+    if riders_if is not None and getattr(_local, "riders", None):
+        riders = _boarding(lean)
+        if riders:
+            reply = _run_fused(lean, script, keys, args, riders_if, riders)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+    reply = lean.run([_evalsha(script, keys, args)], [script])[0]
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+def _run_fused(
+    lean: Connections,
+    script: Any,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    condition: str,
+    riders: list[tuple[Any, Sequence[Any], Sequence[Any], Answer]],
+) -> Any:
+    """Run ``script`` and, if ``condition`` holds, the riders; its reply (or error)."""
+    together = fused(script, [rider[0] for rider in riders], condition)
+    counts: list[int] = [len(keys), len(args)]
+    every_key, every_arg = list(keys), list(args)
+    for _, rider_keys, rider_args, _ in riders:
+        counts += [len(rider_keys), len(rider_args)]
+        every_key += rider_keys
+        every_arg += rider_args
+    try:
+        reply = lean.run(
+            [_evalsha(together, every_key, [*counts, *every_arg])], [together]
+        )[0]
+    except Exception as err:
+        reply = err
+    if isinstance(reply, Exception):
+        for *_, answer in riders:
+            _answer(answer, reply)
+        return reply
+    for n, (*_, answer) in enumerate(riders, start=1):
+        _answer(answer, reply[n] if n < len(reply) else None)
+    return reply[0]
 
 
 def call(client: Any, *command: Any) -> Any:

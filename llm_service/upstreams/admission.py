@@ -104,6 +104,20 @@ class SlotStore(Protocol):
         Called in each process that uses the store, before its first request.
         """
 
+    def ask_along(
+        self,
+        host: str,
+        slots: Callable[[], int | None],
+        then: Callable[[Lease | None], None],
+    ) -> None:
+        """Ask for a slot in the request's quota admission, if it admits.
+
+        At the admission's trip to a shared store, ``slots()`` gives the
+        host's slots (None: ask nothing), and ``then`` hears the lease, or
+        None (refused by the quota, no slot free, the store failing). A store
+        with no trips to share asks nothing (``then`` is never called).
+        """
+
 
 class LocalSlots:
     """Slots counted in this process: ``share(slots)`` of each host's."""
@@ -131,6 +145,14 @@ class LocalSlots:
         if then is not None:
             then()
 
+    def ask_along(
+        self,
+        host: str,
+        slots: Callable[[], int | None],
+        then: Callable[[Lease | None], None],
+    ) -> None:
+        """No trip to share: the door takes its slot when it calls."""
+
     def in_use(self, host: str) -> int:
         with self._lock:
             return self._used[host]
@@ -148,6 +170,11 @@ def workers_share(workers: Callable[[], int]) -> Callable[[int], int]:
     up to ``workers()`` requests at once: documented, and logged at start.
     """
     return lambda slots: max(1, slots // max(1, workers()))
+
+
+def _clamped(weight: float) -> float:
+    # Outside the bounds, a weight is clamped (a zero one would never be served).
+    return min(WEIGHT_MAX, max(WEIGHT_MIN, float(weight)))
 
 
 class Ticket:
@@ -410,12 +437,8 @@ class Admission:
         :meth:`Ticket.wait`). Raises :class:`QueueFullError` when the queue,
         or the caller's share of it, is full: the request never waited.
         """
-        if self._attached != process_id():
-            # In the process that serves (a thread does not survive a fork).
-            self._attached = process_id()
-            self.store.attach(self.poke, self.has_waiters)
-        weight = min(WEIGHT_MAX, max(WEIGHT_MIN, float(weight)))
-        ticket = Ticket(self, host, caller, weight)
+        self._attach()
+        ticket = Ticket(self, host, caller, _clamped(weight))
         with self._lock:
             entry = self._host(host)
             slots = self._slots(entry)
@@ -454,6 +477,34 @@ class Admission:
                 self.on_depth(host, entry.waiting)
         self._dispatch(entry)
         return ticket
+
+    def first_slots(self, host: str) -> int | None:
+        """``host``'s slots while no request waits for one, else None.
+
+        A slot taken while this says so passes no waiting request: what
+        :meth:`enter` checks before it asks the store, for a slot asked for
+        elsewhere (with another trip to a shared store) and then given to
+        :meth:`admit_taken`.
+        """
+        self._attach()
+        with self._lock:
+            entry = self._host(host)
+            return None if entry.waiting else self._slots(entry)
+
+    def admit_taken(
+        self, host: str, caller: str, lease: Lease, weight: float = 1.0
+    ) -> Ticket:
+        """An admitted ticket holding ``lease``, taken as :meth:`first_slots` let."""
+        ticket = Ticket(self, host, caller, _clamped(weight))
+        with self._lock:
+            self._admit(self._host(host), ticket, lease)
+        return ticket
+
+    def _attach(self) -> None:
+        if self._attached != process_id():
+            # In the process that serves (a thread does not survive a fork).
+            self._attached = process_id()
+            self.store.attach(self.poke, self.has_waiters)
 
     def poke(self, host: str | None = None) -> None:
         """Try to admit waiting requests (of ``host``, or of every host)."""

@@ -50,11 +50,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 #: KEYS: the host's leases, its waiting processes (by when they began to wait),
 #: when each was last seen waiting. ARGV: slots, lease ms, lease id, process id,
-#: ms after which a process not seen waiting is forgotten. Returns 1 if taken.
+#: ms after which a process not seen waiting is forgotten, and ``0`` (optional)
+#: for an ask that must not join the line when refused. Returns 1 if taken.
 #:
 #: Free slots go to the processes that have waited longest first (one turn
 #: each, then to the back of the line): without this, the process that just
-#: released a slot would take it again before any other heard of it.
+#: released a slot would take it again before any other heard of it. An ask
+#: made along the quota admission, while no request of the process waits
+#: (:meth:`SharedSlots.ask_along`), keeps out of the line when refused: the
+#: request asks again, from the door.
 ACQUIRE = (
     _NOW_MS
     + """
@@ -73,6 +77,9 @@ else
   ahead = redis.call('ZCARD', KEYS[2])
 end
 if free <= ahead then
+  if ARGV[6] == '0' then
+    return 0
+  end
   if not since then
     redis.call('ZADD', KEYS[2], now, ARGV[4])
   end
@@ -146,16 +153,31 @@ class RedisSlots:
 
     def try_acquire(self, host: str, slots: int) -> Lease | None:
         lease = Lease(host, shared=True)
-        taken = store.run(
+        return self.took(lease, store.run(*self.acquiring(lease, slots)))
+
+    def acquiring(
+        self, lease: Lease, slots: int, join: bool = True
+    ) -> tuple[Any, Any, list[str], list[Any]]:
+        """What asks Redis for ``lease`` (client, script, keys, arguments).
+
+        ``join``: if refused, the process joins the line of those waiting.
+        """
+        args = [slots, self.lease_ms, lease.id, self.process, FORGET_WAITER_MS]
+        if not join:
+            args.append(0)
+        return (
             self.client,
             self._acquire,
-            [slots_key(host), *_turn_keys(host)],
-            [slots, self.lease_ms, lease.id, self.process, FORGET_WAITER_MS],
+            [slots_key(lease.host), *_turn_keys(lease.host)],
+            args,
         )
+
+    def took(self, lease: Lease, taken: Any) -> Lease | None:
+        """``lease`` if Redis' answer to :meth:`acquiring` says it was taken."""
         if not taken:
             return None
         with self._lock:
-            self.held[lease.id] = host
+            self.held[lease.id] = lease.host
         return lease
 
     def release(self, lease: Lease, done: store.Done | None = None) -> None:
@@ -227,6 +249,47 @@ class SharedSlots:
                 self._backoff = 1.0
                 return lease
         return self.local.try_acquire(host, slots)
+
+    def ask_along(
+        self,
+        host: str,
+        slots: Callable[[], int | None],
+        then: Callable[[Lease | None], None],
+    ) -> None:
+        """Ask for a slot of ``host`` inside this request's quota admission.
+
+        :meth:`try_acquire` without a trip of its own (:func:`..store.ride`):
+        at the admission's trip, ``slots()`` gives the host's slots, or None
+        to ask nothing; the ACQUIRE script runs in the admission's script,
+        only if the request was admitted. ``then`` hears the lease taken, or
+        None (not admitted, or no slot free: the process does not join the
+        line; Redis away or failing: counted as a failure). Nothing is asked
+        while Redis is away (slots are counted here then).
+        """
+        lease: Lease | None = None  # made at the trip, if one is asked for
+
+        def prepare() -> tuple[Any, list[str], list[Any]] | None:
+            nonlocal lease
+            if self.clock() < self._down_until:
+                return None
+            count = slots()
+            if count is None:
+                return None
+            lease = Lease(host, shared=True)
+            _, script, keys, args = self.redis.acquiring(lease, count, join=False)
+            return script, keys, args
+
+        def answer(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                self._failed(reply)
+                then(None)
+                return
+            self._backoff = 1.0
+            assert lease is not None  # answered: prepared
+            # None: not run (the request was not admitted), nothing taken.
+            then(self.redis.took(lease, reply))
+
+        store.ride(self.redis.client, prepare, answer)
 
     def release(self, lease: Lease, then: Callable[[], None] | None = None) -> None:
         if not lease.shared:

@@ -11,7 +11,9 @@ request defaults both APIs share, and runs every call so:
    :mod:`.discovery` found and the conversation's host);
 2. **admit**: :meth:`Upstream.acquire` counts the call in flight at the chosen
    host until it (or its stream) ends: the one seam where a slot of that host
-   is taken;
+   is taken (with one host, the slot may have been taken before the view,
+   in the quota admission's script once it admitted the request: it is used
+   here);
 3. **call**, in a scope that a client hang-up cancels;
 4. **fail over**: a connection error, a 5xx or a stream cut before its first
    event moves to the next host, inside the one budget of attempts and time
@@ -270,7 +272,8 @@ class Upstream:
 
         plan = self._plan(payload)
         stream = FailoverStream(self, plan, send)
-        plan.ticket = queueing.enter(self.admission, plan.hosts[0].slot_key)
+        first = plan.hosts[0].slot_key
+        plan.ticket = _early_ticket(first) or queueing.enter(self.admission, first)
         if not plan.ticket.admitted:
 
             def opener(scope: CallScope) -> FailoverStream:
@@ -313,6 +316,8 @@ class Upstream:
         host's fair queue for a slot (``ticket``: a place it already has). The
         release is called once the call returns or the stream closes.
         """
+        # Before the deferred work runs: it gives back an early slot unclaimed.
+        ticket = ticket or _early_ticket(host.slot_key)
         # A call made after another in the same request: the first one's
         # deferred release first, or the two could wait for each other.
         store.run_deferred()
@@ -705,6 +710,31 @@ def _refuse_loops() -> None:
         )
 
 
+def _asks_slot_early(upstream: Upstream) -> Callable[[], None]:
+    """With one host: ask for its slot along the request's first store trip.
+
+    A generation request (the only POSTs; a listing takes no slot) saves a
+    trip to the shared store: the slot is taken in its quota admission's
+    script, if that admits it (:class:`.queueing.EarlySlot`). A request with
+    no such trip (no quota, not metered, Redis away) has its slot taken by
+    the door, as any other.
+    """
+    admission, host = upstream.admission, upstream.hosts[0].slot_key
+
+    def ask_slot_early() -> None:
+        current = request._get_current_object()
+        if current.method == "POST" and current.url_rule is not None:
+            g.early_slot = queueing.EarlySlot(admission, host)
+
+    return ask_slot_early
+
+
+def _early_ticket(host: str) -> Ticket | None:
+    """The request's slot of ``host`` taken before the view, if one was."""
+    early = g.pop("early_slot", None) if has_request_context() else None
+    return early.claim(host) if early is not None else None
+
+
 def _record_attempt(status: int | None) -> None:
     # Called for the attempts of the request's own upstream call only: health
     # probes made on the way (e.g. to pick a model) are not retries.
@@ -777,6 +807,8 @@ def init_app(app: Flask) -> None:
         admission=admission,
     )
     app.before_request(_refuse_loops)
+    if not several:
+        app.before_request(_asks_slot_early(app.extensions[EXTENSION]))
 
 
 def _host_name(url: str) -> str:

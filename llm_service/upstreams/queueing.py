@@ -2,6 +2,8 @@
 
 The door (:mod:`.pool`) takes a slot of the host before each generation call
 or stream opens, and gives it back when the call ends or the stream closes.
+With one host it may find the slot taken already (:class:`EarlySlot`: taken
+in the script of the request's quota admission, if it admitted the request).
 This module is the Flask side of :mod:`.admission`: who the caller is (the
 API key's name and weight once keys exist, else the client address), a
 hang-up while queued (the disconnect watcher cancels the ticket: the request
@@ -37,6 +39,7 @@ from ..lmstudio.watchdog import CallScope
 from .admission import (
     Admission,
     AdmissionError,
+    Lease,
     LeftQueueError,
     LocalSlots,
     QueueFullError,
@@ -127,6 +130,54 @@ def slot(admission: Admission, host: str) -> Iterator[Ticket]:
         yield ticket
     finally:
         ticket.release()
+
+
+class EarlySlot:
+    """A slot of one host asked for before the view, with another trip.
+
+    Made before the view when the host is known already (one host): the slot
+    is asked for in the script of the request's quota admission
+    (:meth:`~.leases.SharedSlots.ask_along`), taken only if the quota
+    admitted the request, and asked only if no request of this process waits
+    for the host at that moment, so it passes nobody. The door takes the
+    admitted ticket with :meth:`claim`; one still unclaimed when the request
+    ends (an invalid body, a failure before its call) is given back then,
+    with the request's other end-writes.
+    """
+
+    def __init__(self, admission: Admission, host: str) -> None:
+        self.admission = admission
+        self.host = host
+        self.ticket: Ticket | None = None
+        self.claimed = False
+        admission.store.ask_along(host, self._slots, self._took)
+
+    def _slots(self) -> int | None:
+        if self.claimed:  # the door asked before any trip came
+            return None
+        return self.admission.first_slots(self.host)
+
+    def _took(self, lease: Lease | None) -> None:
+        if lease is None:
+            return
+        name, weight = caller()
+        self.ticket = self.admission.admit_taken(self.host, name, lease, weight)
+        store.defer(self._unclaimed)
+
+    def claim(self, host: str) -> Ticket | None:
+        """The admitted ticket if a slot of ``host`` was taken; none is asked after."""
+        self.claimed = True
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None and ticket.host != host:
+            ticket.release()
+            return None
+        return ticket
+
+    def _unclaimed(self) -> None:
+        self.claimed = True
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.release()
 
 
 class SlotStream:

@@ -85,12 +85,13 @@ QUOTAS = ("--rpm", "100000", "--tpm", "100000000", "--concurrency", "10")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
-def test_a_keyed_request_costs_three_round_trips_on_one_connection(
+def test_a_keyed_request_costs_two_round_trips_on_one_connection(
     keyed, redis_server, stream
 ):
-    """Quota admission, slot lease, then the lease's release and the quota's
-    settling together: three trips, over the one client's connection (plus
-    the slot channel's subscription)."""
+    """Quota admission and slot lease in one script (the lease taken only if
+    admitted), then the lease's release and the quota's settling together:
+    two trips, over the one client's connection (plus the slot channel's
+    subscription)."""
     start, relay = keyed
     redis_url = redis_server.url
     gateway, headers = start(*QUOTAS)
@@ -100,12 +101,36 @@ def test_a_keyed_request_costs_three_round_trips_on_one_connection(
     answers = [send(gateway, headers, stream) for _ in range(10)]
     after, connections = relay.count()
     assert [a.status_code for a in answers] == [200] * 10
-    assert after - before == 3 * 10
+    assert after - before == 2 * 10
     assert connections <= 2
     # Redis forgot its scripts (a restart, SCRIPT FLUSH): they are loaded again.
     redis.Redis.from_url(redis_url).script_flush()
     assert send(gateway, headers, stream).status_code == 200
     assert held_leases(redis_url) == (0, 0)
+
+
+def test_a_request_refused_by_its_quota_costs_one_round_trip_and_no_slot(
+    keyed, redis_server
+):
+    """The slot lease goes in the admission's script, taken only if admitted:
+    a key over its quota takes no slot, and has nothing to give back."""
+    start, relay = keyed
+    gateway, headers = start("--rpm", "3")
+    for _ in range(3):  # scripts loaded, connections made; the window full
+        assert send(gateway, headers, False).status_code == 200
+    zadds = _zadds(redis_server.url)
+    before, _ = relay.count()
+    answers = [send(gateway, headers, False) for _ in range(10)]
+    after, _ = relay.count()
+    assert [a.status_code for a in answers] == [429] * 10
+    assert after - before == 10
+    assert _zadds(redis_server.url) == zadds  # no lease, no line, no request
+    assert held_leases(redis_server.url) == (0, 0)
+
+
+def _zadds(url: str) -> int:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return stats.get("cmdstat_zadd", {}).get("calls", 0)
 
 
 def held_leases(url: str) -> tuple[int, int]:
